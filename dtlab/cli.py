@@ -1,0 +1,45 @@
+"""`dtlab` command line: a LightningCLI over every algorithm and the one DataModule.
+
+    dtlab fit -c conf/bc.yaml --data.dataset_id halfcheetah/medium-v0
+    dtlab validate -c conf/bc.yaml --ckpt_path runs/bc/.../last.ckpt
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dtlab.base import OfflineRLModule
+from dtlab.data import OfflineDataModule
+
+
+class DTLabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Dimensions, normalisation and references come from the data, never from the config.
+        parser.link_arguments("data.spec", "model.init_args.spec", apply_on="instantiate")
+
+
+def default_loggers() -> list[dict]:
+    """metrics.csv always; TensorBoard event files too when tensorboard is installed."""
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "tensorboard"}})
+    return loggers
+
+
+def run_cli(args: list[str] | None = None) -> DTLabCLI:
+    """Parse `args` (default: sys.argv), instantiate and run the subcommand; returns the CLI object."""
+    return DTLabCLI(
+        OfflineRLModule,
+        OfflineDataModule,
+        subclass_mode_model=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"num_sanity_val_steps": 0, "logger": default_loggers()},
+    )
+
+
+def main() -> None:
+    """Console entry point `dtlab`."""
+    run_cli()

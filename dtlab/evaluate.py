@@ -1,0 +1,68 @@
+"""Acting and scoring: the one Agent interface every algorithm implements, and the rollout loop.
+
+An Agent turns a model into an act-per-step policy over a batch of environments. Stateless
+policies (BC, TD3+BC, IQL, CQL) wrap a function of the observations; sequence models keep their
+context and returns-to-go between calls. One rollout loop then serves every algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.envs.registration import EnvSpec
+
+from dtlab.trajectories import DatasetError, DatasetSpec
+
+
+class Agent(Protocol):
+    """A policy over `num_envs` environments stepped together."""
+
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        """(N, obs_dim) raw observations -> (N, act_dim) actions (or (N,) ints when discrete)."""
+        ...
+
+    def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
+        """The step's rewards and episode ends, for agents that keep state (e.g. returns-to-go)."""
+        ...
+
+
+class StatelessAgent:
+    """Agent over a batched policy function: observations tensor -> actions tensor."""
+
+    def __init__(self, policy: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> None:
+        self.policy, self.device = policy, device
+
+    @torch.no_grad()
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        obs = torch.as_tensor(observations, dtype=torch.float32, device=self.device)
+        return self.policy(obs).cpu().numpy()
+
+    def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
+        pass
+
+
+def make_vector_env(spec: DatasetSpec, num_envs: int) -> gym.vector.VectorEnv:
+    """The dataset's environment, `num_envs` copies stepped in this process (cheap on few cores)."""
+    if spec.env_spec is None:
+        raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
+    wrappers = [gym.wrappers.FlattenObservation] if spec.flatten_observations else None
+    return gym.make_vec(EnvSpec.from_json(json.dumps(spec.env_spec)), num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers)
+
+
+def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Run one episode in each sub-environment (seeded); return (returns, lengths) per episode."""
+    observations, _ = env.reset(seed=list(seeds))
+    n = len(seeds)
+    returns, lengths, done = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+    while not done.all():
+        observations, rewards, terminated, truncated, _ = env.step(agent.act(observations))
+        ended = terminated | truncated
+        returns += np.where(done, 0.0, rewards)
+        lengths += ~done
+        agent.observe(rewards, ended)
+        done |= ended
+    return returns, lengths

@@ -1,0 +1,93 @@
+"""Vectorised batch sampling from flat transition tensors: transitions or Decision-Transformer windows.
+
+Every batch is drawn by tensor indexing (no per-item Python loop), from a torch.Generator the caller
+seeds, so a (seed, rank, epoch) triple fixes the sample stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dtlab.trajectories import DatasetSpec
+
+# Left padding of DT windows, as in the DT paper / HF recipe: states 0, actions -10, RTG 0, mask 0.
+PAD_ACTION = -10.0
+
+
+class Transitions:
+    """Flat per-transition tensors of a dataset plus its episode boundaries."""
+
+    def __init__(self, columns: dict[str, np.ndarray], spec: DatasetSpec, in_memory: bool = True) -> None:
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            # In memory: one copy into RAM. Memory-mapped: numpy view over the Arrow file (read-only).
+            return torch.from_numpy(np.array(a) if in_memory else a)
+
+        self.spec = spec
+        self.columns = {k: tensor(v) for k, v in columns.items()}
+        episode_ids = self.columns["episode_ids"].long()
+        self.episode_lengths = torch.bincount(episode_ids)
+        self.episode_starts = torch.cumsum(self.episode_lengths, 0) - self.episode_lengths
+        self._discounted: dict[float, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.columns["rewards"])
+
+    def discounted_returns(self, gamma: float) -> torch.Tensor:
+        """Monte-Carlo discounted return from each transition to its episode's end (zero tail),
+        the behaviour policy's value estimate that Cal-QL uses as a lower bound."""
+        if gamma not in self._discounted:
+            episode, step = self.columns["episode_ids"].long(), self.columns["timesteps"].long()
+            padded = torch.zeros(len(self.episode_lengths), int(self.episode_lengths.max()), dtype=torch.float64)
+            padded[episode, step] = self.columns["rewards"].double()  # (E, T_max), zeros past each end
+            acc = torch.zeros(len(padded), dtype=torch.float64)
+            for t in range(padded.shape[1] - 1, -1, -1):  # one vector op per step, over all episodes
+                acc = padded[:, t] + gamma * acc
+                padded[:, t] = acc
+            self._discounted[gamma] = padded[episode, step].float()
+        return self._discounted[gamma]
+
+    def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None) -> dict[str, torch.Tensor]:
+        """A uniform batch of (s, a, r, s', terminal); `mc_returns` too when `gamma` is given."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator)
+        c = self.columns
+        batch = {
+            "observations": c["observations"][idx],
+            "actions": c["actions"][idx],
+            "rewards": c["rewards"][idx],
+            "next_observations": c["next_observations"][idx],
+            # terminal = true end of the MDP (termination); a truncation still bootstraps
+            "terminals": c["terminals"][idx].float(),
+        }
+        if gamma is not None:
+            batch["mc_returns"] = self.discounted_returns(gamma)[idx]
+        return batch
+
+    def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch of DT windows (B, K, ...), left-padded, episodes drawn in proportion to their length.
+
+        A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
+        (near the episode's end) are left-padded so the newest step is always at position K-1.
+        """
+        episodes = torch.multinomial(self.episode_lengths.float(), batch_size, replacement=True, generator=generator)
+        lengths = self.episode_lengths[episodes]
+        start = (torch.rand(batch_size, generator=generator) * lengths).long()  # uniform in [0, len)
+        n_valid = torch.clamp(lengths - start, max=context_len)  # (B,)
+        offset = torch.arange(context_len) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
+        mask = offset >= 0
+        idx = self.episode_starts[episodes, None] + start[:, None] + offset.clamp(min=0)  # (B, K)
+        c = self.columns
+        observations = c["observations"][idx] * mask[..., None]
+        actions = c["actions"][idx]
+        if self.spec.discrete:
+            actions = torch.where(mask, actions, 0)
+        else:
+            actions = torch.where(mask[..., None], actions, PAD_ACTION)
+        return {
+            "observations": observations,
+            "actions": actions,
+            "returns_to_go": (c["returns_to_go"][idx] * mask)[..., None],
+            "rewards": (c["rewards"][idx] * mask)[..., None],
+            "timesteps": (c["timesteps"][idx].long() * mask),
+            "mask": mask.long(),
+        }

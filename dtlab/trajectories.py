@@ -1,0 +1,307 @@
+"""Minari datasets -> validated, cached HuggingFace Arrow datasets (one row per transition).
+
+A Minari dataset is converted once; the Arrow copy is keyed by the dataset id and a fingerprint of
+the Minari files' content, written to a temporary folder and renamed into place, so a run killed in
+the middle never leaves a cache that a later run takes for complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import datasets
+import gymnasium as gym
+import minari
+import numpy as np
+import pyarrow as pa
+from datasets.table import InMemoryTable
+
+# Bump when the cached layout changes: old caches are then ignored, never misread.
+CACHE_FORMAT = 2
+SPEC_FILE = "dtlab_spec.json"
+
+
+class DatasetError(ValueError):
+    """Bad or missing dataset: the message names the dataset, what is wrong and what to do."""
+
+
+@dataclasses.dataclass
+class DatasetSpec:
+    """What a model must know about its data to act on its own: spaces, normalisation, references.
+
+    It travels inside every checkpoint (as a plain dict), so a trained model acts and is scored
+    without the dataset it came from.
+    """
+
+    dataset_id: str
+    observation_dim: int
+    action_dim: int  # continuous: size of the action vector; discrete: number of actions
+    discrete: bool
+    action_low: list[float] | None
+    action_high: list[float] | None
+    obs_mean: list[float]
+    obs_std: list[float]
+    num_episodes: int
+    num_transitions: int
+    max_episode_steps: int  # longest episode in the data (timestep embeddings need it)
+    return_min: float
+    return_max: float
+    return_mean: float
+    env_spec: dict[str, Any] | None = None  # gymnasium EnvSpec (as parsed JSON); None when the data names no environment
+    flatten_observations: bool = False  # the env's Dict observations are flattened as in the data
+    ref_min_score: float | None = None  # random policy's return
+    ref_max_score: float | None = None  # expert's return
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | DatasetSpec) -> DatasetSpec:
+        if isinstance(d, DatasetSpec):
+            return d
+        return cls(**d)
+
+    def normalized_score(self, returns: np.ndarray | float) -> np.ndarray | float:
+        """D4RL-style score: 100 * (R - R_random) / (R_expert - R_random)."""
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise DatasetError(
+                f"Dataset '{self.dataset_id}' has no reference returns (ref_min_score/ref_max_score): "
+                "add them to its metadata or put a refs.json beside it."
+            )
+        return 100.0 * (np.asarray(returns) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+
+def minari_root() -> Path:
+    """Where Minari keeps local datasets (MINARI_DATASETS_PATH or ~/.minari/datasets)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")).expanduser()
+
+
+def cache_root() -> Path:
+    """Where converted Arrow datasets are cached (DTLAB_CACHE_DIR or ~/.cache/dtlab)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtlab"
+    return Path(os.environ.get("DTLAB_CACHE_DIR", default)).expanduser() / "datasets"
+
+
+def local_dataset_ids() -> list[str]:
+    root = minari_root()
+    if not root.exists():
+        return []
+    found = (p.parent.relative_to(root) for p in root.rglob("data") if (p / "metadata.json").exists())
+    return sorted(str(rel) for rel in found if not any(part.startswith(".") for part in rel.parts))
+
+
+def dataset_dir(dataset_id: str) -> Path:
+    return minari_root() / dataset_id / "data"
+
+
+def fingerprint(dataset_id: str) -> str:
+    """Content hash of a local Minari dataset's files (metadata and episode data)."""
+    h = hashlib.sha256(f"dtlab-cache-{CACHE_FORMAT}".encode())
+    for path in sorted(p for p in dataset_dir(dataset_id).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(dataset_dir(dataset_id))).encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_minari(dataset_id: str) -> minari.MinariDataset:
+    """Open a Minari dataset by id: local first, then a download where a network exists."""
+    from dtlab.recording import EMBEDDED_DATASETS  # the embedded defaults are built on first use
+
+    if not dataset_dir(dataset_id).exists() and dataset_id in EMBEDDED_DATASETS:
+        EMBEDDED_DATASETS[dataset_id]()
+    if not dataset_dir(dataset_id).exists():
+        try:
+            minari.download_dataset(dataset_id)
+        except Exception as err:  # no network, unknown remote id, ...
+            local = ", ".join(local_dataset_ids()) or "none"
+            raise DatasetError(
+                f"Dataset '{dataset_id}' is not in {minari_root()} and could not be downloaded ({type(err).__name__}: {err}). "
+                f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, "
+                f"or build one with `python tools/make_dataset.py`."
+            ) from err
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as err:
+        raise DatasetError(
+            f"Dataset '{dataset_id}' at {dataset_dir(dataset_id)} could not be opened: it is corrupt or truncated "
+            f"({type(err).__name__}: {err}). Delete that folder and download or regenerate the dataset."
+        ) from err
+
+
+def _flatten(obs: Any, space: gym.Space) -> np.ndarray:
+    """(T, ...) observations -> (T, D) float32; Dict spaces are concatenated in the space's key order,
+    which is the order of gymnasium.wrappers.FlattenObservation used at evaluation."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([_flatten(obs[k], s) for k, s in space.spaces.items()], axis=1)
+    arr = np.asarray(obs)
+    return arr.reshape(len(arr), -1).astype(np.float32)
+
+
+def _check_episode(dataset_id: str, i: int, obs: np.ndarray, actions: np.ndarray, ep) -> None:
+    def fail(what: str) -> None:
+        raise DatasetError(
+            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset "
+            f"(e.g. `python tools/make_dataset.py`); nothing was cached."
+        )
+
+    steps = len(ep.rewards)
+    if steps == 0:
+        fail("the episode is empty (0 steps)")
+    lengths = {
+        "observations": len(obs) - 1,
+        "actions": len(actions),
+        "terminations": len(ep.terminations),
+        "truncations": len(ep.truncations),
+    }
+    if any(n != steps for n in lengths.values()):
+        fail(f"inconsistent array lengths: {steps} rewards but {lengths} (observations need one row more than steps)")
+    for name, arr in (("observations", obs), ("rewards", np.asarray(ep.rewards)), ("actions", actions)):
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            row = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))[0, 0])
+            fail(f"{name} contain NaN or inf (first at step {row})")
+
+
+def _episode_arrays(dataset_id: str, ds: minari.MinariDataset) -> dict[str, np.ndarray]:
+    """Read and validate every episode; return flat per-transition arrays."""
+    obs_space, act_space = ds.spec.observation_space, ds.spec.action_space
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")}
+    try:
+        episodes = ds.iterate_episodes()
+        for i, ep in enumerate(episodes):
+            obs = _flatten(ep.observations, obs_space)
+            actions = np.asarray(ep.actions)
+            _check_episode(dataset_id, i, obs, actions, ep)
+            rewards = np.asarray(ep.rewards, dtype=np.float32)
+            steps = len(rewards)
+            cols["observations"].append(obs[:-1])
+            cols["next_observations"].append(obs[1:])
+            cols["actions"].append(actions.reshape(steps, -1).astype(np.float32) if isinstance(act_space, gym.spaces.Box) else actions.astype(np.int64))
+            cols["rewards"].append(rewards)
+            cols["terminals"].append(np.asarray(ep.terminations, dtype=bool))
+            cols["timeouts"].append(np.asarray(ep.truncations, dtype=bool))
+            cols["returns_to_go"].append(np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32))
+            cols["timesteps"].append(np.arange(steps, dtype=np.int32))
+            cols["episode_ids"].append(np.full(steps, i, dtype=np.int32))
+    except DatasetError:
+        raise
+    except Exception as err:
+        raise DatasetError(
+            f"Dataset '{dataset_id}' could not be read: it is corrupt or truncated ({type(err).__name__}: {err}). "
+            f"Delete {dataset_dir(dataset_id)} and download or regenerate it; nothing was cached."
+        ) from err
+    if not cols["rewards"]:
+        raise DatasetError(f"Dataset '{dataset_id}' has no episodes; regenerate it with more episodes.")
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _references(dataset_id: str, ds: minari.MinariDataset) -> tuple[float | None, float | None]:
+    """ref_min_score/ref_max_score from the metadata, else from a refs.json beside the dataset."""
+    meta = ds.storage.metadata
+    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if lo is not None and hi is not None:
+        return float(lo), float(hi)
+    here = dataset_dir(dataset_id).parent
+    for candidate in (here / "refs.json", here.parent / "refs.json", here.parent.parent / f"{here.parent.name}-refs.json"):
+        if candidate.exists():
+            refs = json.loads(candidate.read_text())
+            return float(refs["random_return"]), float(refs["expert_return"])
+    return None, None
+
+
+def _spec(dataset_id: str, ds: minari.MinariDataset, arrays: dict[str, np.ndarray], fp: str) -> DatasetSpec:
+    act_space = ds.spec.action_space
+    if isinstance(act_space, gym.spaces.Discrete):
+        action_dim, low, high = int(act_space.n), None, None
+    elif isinstance(act_space, gym.spaces.Box):
+        action_dim, low, high = int(np.prod(act_space.shape)), act_space.low.reshape(-1).tolist(), act_space.high.reshape(-1).tolist()
+    else:
+        raise DatasetError(f"Dataset '{dataset_id}': action space {act_space} is not supported (Box or Discrete only).")
+    episode_returns = np.bincount(arrays["episode_ids"], weights=arrays["rewards"])
+    obs = arrays["observations"]
+    lo, hi = _references(dataset_id, ds)
+    env_spec = ds.spec.env_spec
+    return DatasetSpec(
+        dataset_id=dataset_id,
+        observation_dim=int(obs.shape[1]),
+        action_dim=action_dim,
+        discrete=isinstance(act_space, gym.spaces.Discrete),
+        action_low=low,
+        action_high=high,
+        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
+        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
+        num_episodes=len(episode_returns),
+        num_transitions=len(obs),
+        max_episode_steps=int(arrays["timesteps"].max()) + 1,
+        return_min=float(episode_returns.min()),
+        return_max=float(episode_returns.max()),
+        return_mean=float(episode_returns.mean()),
+        env_spec=json.loads(env_spec.to_json()) if env_spec is not None else None,
+        flatten_observations=isinstance(ds.spec.observation_space, gym.spaces.Dict),
+        ref_min_score=lo,
+        ref_max_score=hi,
+        fingerprint=fp,
+    )
+
+
+def _arrow_table(arrays: dict[str, np.ndarray]) -> pa.Table:
+    def column(a: np.ndarray) -> pa.Array:
+        if a.ndim == 2:
+            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+        return pa.array(a)
+
+    return pa.table({k: column(v) for k, v in arrays.items()})
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Remove partial conversions left by killed runs (never one a live process is writing)."""
+    for partial in final.parent.glob(f"{final.name}.partial-*"):
+        pid = int(partial.name.rsplit("-", 2)[-2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
+    """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use."""
+    ds = load_minari(dataset_id)
+    fp = fingerprint(dataset_id)
+    final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
+    if not (final / SPEC_FILE).exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(final)
+        partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            arrays = _episode_arrays(dataset_id, ds)
+            spec = _spec(dataset_id, ds, arrays, fp)
+            datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
+            (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
+            try:
+                os.rename(partial, final)
+            except OSError:  # another process finished the same conversion first
+                if not (final / SPEC_FILE).exists():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
+    return datasets.load_from_disk(str(final)), spec
+
+
+def column_to_numpy(hf: datasets.Dataset, name: str) -> np.ndarray:
+    """Zero-copy (read-only, memory-mapped) numpy view of an Arrow column; 2-D for vector columns."""
+    col = hf.data.column(name).combine_chunks()
+    if isinstance(col.type, pa.FixedSizeListType):
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=False)
