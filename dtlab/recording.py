@@ -137,7 +137,7 @@ def record_dataset(
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
         minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=env_id, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+            dataset_id, buffers, env=env_id, eval_env=env_id, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
             description=description, algorithm_name=algorithm_name, author="dtlab", data_format="hdf5",
         )
         target = root / dataset_id

@@ -1,0 +1,58 @@
+"""Train one config over several seeds and print the final normalised score, mean ± std.
+
+    MINARI_DATASETS_PATH=../shared/datasets/minari \
+        python tools/quality.py -c conf/bc.yaml --dataset halfcheetah/medium-v0 --seeds 0 1 2 --epochs 20
+
+Each seed is a full `dtlab fit` (in this process) whose last validation gives the score; one JSON
+line per seed and one summary line are appended to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from dtlab.cli import run_cli
+
+
+def train_one(config: list[str], dataset: str, seed: int, epochs: int | None, extra: list[str], out_dir: str) -> dict:
+    args = ["fit", *sum((["-c", c] for c in config), []), "--data.dataset_id", dataset, "--seed_everything", str(seed), "--data.seed", str(seed)]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs)]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", out_dir, *extra]
+    start = time.perf_counter()
+    cli = run_cli(args)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    return {"config": config, "dataset": dataset, "seed": seed, "updates": cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed, "seconds": round(time.perf_counter() - start, 1), **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", action="append", required=True, help="dtlab YAML config(s), composed in order")
+    parser.add_argument("--dataset", required=True, help="Minari dataset id")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs (evaluation at the end only)")
+    parser.add_argument("--out", default="runs/quality", help="log folder")
+    parser.add_argument("--json", default=None, help="append JSON lines here")
+    parser.add_argument("extra", nargs="*", help="more CLI overrides, after --, e.g. -- --model.init_args.lr 3e-4")
+    args = parser.parse_args()
+
+    results = []
+    for seed in args.seeds:
+        row = train_one(args.config, args.dataset, seed, args.epochs, args.extra, args.out)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    scores = np.array([r["eval/normalized_score"] for r in results])
+    summary = {"config": args.config, "dataset": args.dataset, "seeds": args.seeds, "updates": results[0]["updates"], "normalized_score_mean": round(float(scores.mean()), 1), "normalized_score_std": round(float(scores.std()), 1), "extra": args.extra}
+    print(f"{' + '.join(args.config)} on {args.dataset}, {len(scores)} seeds, {summary['updates']} updates: normalised score {scores.mean():.1f} ± {scores.std():.1f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in [*results, summary]:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
