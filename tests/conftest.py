@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a network (read when huggingface_hub is imported)
+
+import numpy as np  # noqa: E402
 import pytest
 import torch
 
