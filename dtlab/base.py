@@ -7,6 +7,7 @@ in the dataset's environment through the algorithm's Agent.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, ClassVar
 
 import lightning as L
@@ -88,6 +89,10 @@ class OfflineRLModule(L.LightningModule):
     def test_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
         self.log_returns("test", self.evaluate(seeds.tolist()))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The class travels with the weights and the spec: `load_checkpoint(path)` needs nothing else.
+        checkpoint["dtlab_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
     def on_fit_end(self) -> None:
         metrics = self.trainer.callback_metrics
         if "eval/normalized_score" in metrics:
@@ -96,3 +101,13 @@ class OfflineRLModule(L.LightningModule):
                 f"eval/return = {float(metrics['eval/return']):.1f}, "
                 f"eval/normalized_score = {float(metrics['eval/normalized_score']):.1f}"
             )
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> OfflineRLModule:
+    """Any dtlab checkpoint as its model, ready to act: no config, no dataset needed."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if "dtlab_class" not in checkpoint:
+        raise ValueError(f"{path} is not a dtlab checkpoint (no 'dtlab_class' entry); load it with its LightningModule class.")
+    module_name, _, class_name = checkpoint["dtlab_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.load_from_checkpoint(path, map_location=map_location)

@@ -1,0 +1,98 @@
+"""Sampling and the DataModule: batch contents, DT windows, determinism, per-rank streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab.data import OfflineDataModule
+from dtlab.sampling import PAD_ACTION
+
+
+@pytest.fixture
+def datamodule(pendulum_id) -> OfflineDataModule:
+    return OfflineDataModule(pendulum_id, batch_size=64)
+
+
+def test_transition_batch_is_consistent_with_the_data(datamodule):
+    data = datamodule.transitions
+    batch = data.sample_transitions(64, torch.Generator().manual_seed(0))
+    assert batch["observations"].shape == (64, 3) and batch["actions"].shape == (64, 1)
+    assert batch["rewards"].shape == batch["terminals"].shape == (64,)
+    # every sampled row is a real row whose next observation follows it
+    obs = data.columns["observations"]
+    rows = [int(torch.nonzero((obs == o).all(1))[0, 0]) for o in batch["observations"]]
+    torch.testing.assert_close(batch["next_observations"], data.columns["next_observations"][rows])
+    torch.testing.assert_close(batch["rewards"], data.columns["rewards"][rows])
+
+
+def test_windows_are_left_padded_and_aligned(datamodule):
+    data = datamodule.transitions
+    K = 20
+    batch = data.sample_windows(256, K, torch.Generator().manual_seed(1))
+    mask = batch["mask"].bool()
+    assert batch["observations"].shape == (256, K, 3) and batch["returns_to_go"].shape == (256, K, 1)
+    assert mask[:, -1].all(), "the newest step is always real"
+    assert (mask.long().diff(dim=1) >= 0).all(), "padding only on the left"
+    assert (~mask).any(), "some windows reach the episode end and are padded"
+    assert (batch["actions"][~mask] == PAD_ACTION).all() and (batch["observations"][~mask] == 0).all()
+    assert (batch["returns_to_go"][~mask] == 0).all() and (batch["timesteps"][~mask] == 0).all()
+    # inside a window: consecutive timesteps, and RTG falls by exactly the reward
+    ts, rtg, rew = batch["timesteps"], batch["returns_to_go"][..., 0], batch["rewards"][..., 0]
+    both = mask[:, 1:] & mask[:, :-1]
+    assert (ts.diff(dim=1)[both] == 1).all()
+    torch.testing.assert_close((rtg[:, :-1] - rtg[:, 1:])[both], rew[:, :-1][both], atol=1e-3, rtol=1e-4)
+
+
+def test_windows_sample_episodes_in_proportion_to_length(cartpole_id):
+    data = OfflineDataModule(cartpole_id).transitions
+    batch = data.sample_windows(20000, 1, torch.Generator().manual_seed(0))
+    # with K=1 a window is one uniformly drawn transition: its episode's frequency ~ its length
+    obs = batch["observations"][:, 0]
+    first = data.columns["observations"][data.episode_starts]
+    counts = np.bincount(data.columns["episode_ids"].numpy(), minlength=len(first))
+    hits = torch.isin(batch["timesteps"][:, 0], torch.tensor([0])).float().mean()
+    expected = len(first) / counts.sum()  # chance a uniform transition is an episode's first step
+    assert abs(float(hits) - expected) < 0.01, (hits, expected)
+    assert obs.shape == (20000, 4)
+
+
+def test_discounted_returns_match_a_direct_sum(datamodule):
+    data = datamodule.transitions
+    gamma = 0.9
+    mc = data.discounted_returns(gamma)
+    start, length = int(data.episode_starts[3]), int(data.episode_lengths[3])
+    rewards = data.columns["rewards"][start : start + length].double().numpy()
+    expected = [sum(gamma**k * r for k, r in enumerate(rewards[t:])) for t in range(length)]
+    np.testing.assert_allclose(mc[start : start + length].numpy(), expected, rtol=1e-4)
+
+
+def _stream(datamodule, rank: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+    from dtlab.data import BatchStream
+
+    stream = BatchStream(lambda g: datamodule.transitions.sample_transitions(8, g), 3, seed=datamodule.seed, rank=rank, epoch=lambda: epoch)
+    return list(stream)
+
+
+def test_streams_repeat_under_a_seed_and_differ_by_rank_and_epoch(datamodule):
+    a, b = _stream(datamodule, 0, 0), _stream(datamodule, 0, 0)
+    assert all(torch.equal(x["observations"], y["observations"]) for x, y in zip(a, b))
+    other_rank, other_epoch = _stream(datamodule, 1, 0), _stream(datamodule, 0, 1)
+    assert not torch.equal(a[0]["observations"], other_rank[0]["observations"])
+    assert not torch.equal(a[0]["observations"], other_epoch[0]["observations"])
+
+
+def test_memory_mapped_and_in_memory_serve_the_same_batches(pendulum_id):
+    mapped = OfflineDataModule(pendulum_id, in_memory=False).transitions
+    loaded = OfflineDataModule(pendulum_id, in_memory=True).transitions
+    for fn in (lambda d, g: d.sample_transitions(32, g), lambda d, g: d.sample_windows(8, 5, g)):
+        x, y = fn(mapped, torch.Generator().manual_seed(3)), fn(loaded, torch.Generator().manual_seed(3))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_validation_batches_are_episode_seeds(datamodule):
+    seeds = next(iter(datamodule.val_dataloader()))
+    assert seeds.tolist() == list(range(seeds[0], seeds[0] + datamodule.eval_episodes))
+    test_seeds = next(iter(datamodule.test_dataloader()))
+    assert len(test_seeds) == datamodule.test_episodes and not set(seeds.tolist()) & set(test_seeds.tolist())
