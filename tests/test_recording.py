@@ -1,0 +1,63 @@
+"""Making datasets: recording any policy, reference returns, atomic writes, the embedded default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import minari
+import numpy as np
+import pytest
+
+from dtlab.recording import PolicyAgent, pendulum_swingup, record_dataset
+from dtlab.trajectories import DatasetError, dataset_dir, load_minari, minari_root
+
+
+def test_record_a_callable_policy_with_references():
+    rng = np.random.default_rng(0)
+    ds = record_dataset("rec/pendulum-v0", "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.3, rng)), 4, seed=7, reference_episodes=3, expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)))
+    meta = ds.storage.metadata
+    assert meta["total_episodes"] == 4 and meta["total_steps"] == 800
+    assert meta["ref_min_score"] < -700 and meta["ref_max_score"] > -300  # random swings, the controller balances
+    episode = next(iter(ds.iterate_episodes()))
+    assert episode.observations.shape == (201, 3) and episode.truncations[-1] and not episode.terminations.any()
+    with pytest.raises(DatasetError, match="already exists"):
+        record_dataset("rec/pendulum-v0", "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.3, rng)), 1)
+
+
+def test_a_failing_policy_leaves_no_dataset_behind():
+    calls = {"n": 0}
+
+    def flaky(obs):
+        calls["n"] += 1
+        if calls["n"] > 300:
+            raise RuntimeError("policy crashed")
+        return np.zeros(1, np.float32)
+
+    with pytest.raises(RuntimeError, match="policy crashed"):
+        record_dataset("rec/flaky-v0", "Pendulum-v1", lambda i: PolicyAgent(flaky), 3)
+    assert not dataset_dir("rec/flaky-v0").exists()
+    assert not [p for p in minari_root().iterdir() if p.name.startswith(".partial-")]
+
+
+def test_embedded_default_is_built_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    assert not dataset_dir("pendulum/scripted-v0").exists()
+    ds = load_minari("pendulum/scripted-v0")
+    meta = ds.storage.metadata
+    assert meta["total_episodes"] == 200
+    # the data is far better than random, and spread out for return conditioning
+    returns = np.array([ep.rewards.sum() for ep in ds.iterate_episodes()])
+    assert returns.mean() > meta["ref_min_score"] + 0.5 * (meta["ref_max_score"] - meta["ref_min_score"])
+    assert returns.max() - returns.min() > 300
+
+
+def test_make_dataset_tool(tmp_path):
+    tool = [sys.executable, "tools/make_dataset.py", "--id", "rec/random-v0", "--env", "CartPole-v1", "--policy", "random", "--episodes", "3"]
+    done = subprocess.run(tool, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rec/random-v0: 3 episodes" in done.stdout
+    assert minari.load_dataset("rec/random-v0").storage.metadata["ref_min_score"] is not None
+    again = subprocess.run(tool, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
