@@ -76,10 +76,10 @@ def test_console_script_fit_then_validate_and_test(pendulum_id, tmp_path):
     assert "eval/normalized_score" in fit.stdout + fit.stderr and "Final evaluation after 50 steps" in fit.stdout + fit.stderr
     config = next(out.rglob("config.yaml"))
     ckpt = next(out.rglob("*.ckpt"))
-    validate = subprocess.run([dtlab, "validate", "-c", str(config), "--ckpt_path", str(ckpt), "--trainer.logger", "false"], capture_output=True, text=True, env=env, timeout=300)
+    validate = subprocess.run([dtlab, "validate", "-c", str(config), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "eval/normalized_score" in validate.stdout
-    test = run_cli(["test", "-c", str(config), "--ckpt_path", str(ckpt), "--data.test_episodes", "3", "--trainer.logger", "false"])
+    test = run_cli(["test", "-c", str(config), "--ckpt_path", str(ckpt), "--data.test_episodes", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     assert set(test.trainer.callback_metrics) == {"test/return", "test/normalized_score"}
 
 
