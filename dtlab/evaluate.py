@@ -8,6 +8,7 @@ context and returns-to-go between calls. One rollout loop then serves every algo
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Callable, Protocol
 
 import gymnasium as gym
@@ -45,8 +46,24 @@ class StatelessAgent:
         pass
 
 
+def _quiet_mujoco_deprecations() -> None:
+    """MuJoCo 3.3+ prints a deprecation warning for gymnasium's own model files at every env creation
+    (not ours to fix, and one per evaluation env); drop those, pass every other MuJoCo warning on."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+
+    def handler(message: str) -> None:
+        if "is deprecated" not in message:
+            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
+
+
 def make_vector_env(spec: DatasetSpec, num_envs: int) -> gym.vector.VectorEnv:
     """The dataset's environment, `num_envs` copies stepped in this process (cheap on few cores)."""
+    _quiet_mujoco_deprecations()
     if spec.env_spec is None:
         raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
     wrappers = [gym.wrappers.FlattenObservation] if spec.flatten_observations else None
