@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dtlab.base import OfflineRLModule
@@ -18,6 +19,16 @@ class DTLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Dimensions, normalisation and references come from the data, never from the config.
         parser.link_arguments("data.spec", "model.init_args.spec", apply_on="instantiate")
+        parser.add_argument(
+            "--torch_threads", type=int, default=1,
+            help="CPU threads per process for torch ops. RL networks are small: one thread is fastest and "
+            "never oversubscribes cores shared with env stepping or other ranks (0 keeps torch's default).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
 
 
 def default_loggers() -> list[dict]:
