@@ -8,6 +8,7 @@ episode seeds: each rank evaluates its own share of them in the environment.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -16,6 +17,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.sampling import Transitions
 from dtlab.trajectories import column_to_numpy, load_trajectories
+
+# BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
+# where Lightning's warning about __len__ with several workers does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")
 
