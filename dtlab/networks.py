@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,3 +37,177 @@ class ActionScaler(nn.Module):
 
     def to_unit(self, action: torch.Tensor) -> torch.Tensor:
         return (action - self.center) / self.half_range
+
+
+# -- actors -------------------------------------------------------------------------------------
+# Every actor works in the unit action box (-1, 1)^A: critics and losses see unit actions, and the
+# model's ActionScaler (a buffer of OfflineRLModule) maps them to the environment's box when acting.
+
+
+class DeterministicActor(nn.Module):
+    """a = tanh(MLP(s)): TD3's actor (and IQL's deterministic variant)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden_dims, dropout=dropout)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(observations))
+
+
+class GaussianActor(nn.Module):
+    """N(tanh(MLP(s)), diag σ²) with a state-independent learned log σ: IQL's policy (paper, CORL, d3rlpy).
+
+    The mean is squashed, the distribution is not, so dataset actions on the box's edge keep a finite
+    log-likelihood; acting uses the mean.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0, log_std_min: float = -20.0, log_std_max: float = 2.0) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden_dims, dropout=dropout)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """The mean action (greedy)."""
+        return torch.tanh(self.net(observations))
+
+    def log_prob(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log π(a|s), summed over action dimensions: (B,)."""
+        log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
+        z = (actions - self(observations)) * torch.exp(-log_std)
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """a = tanh(u), u ~ N(μ(s), σ(s)²): SAC's / CQL's policy, reparameterised, with the tanh log-det.
+
+    One MLP outputs (μ, log σ); log σ is offset by `log_std_offset` (CORL: -1, initial σ ≈ 0.37) and
+    clamped. The last layer starts small (CORL), so the initial policy is centred with that σ. (CORL
+    also learns a scalar multiplier and offset of log σ; both are redundant with the last layer's
+    weights and bias, so they are fixed here.)
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), log_std_min: float = -20.0, log_std_max: float = 2.0, log_std_offset: float = -1.0) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dims)
+        nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
+        nn.init.zeros_(self.net[-1].bias)
+        self.log_std_min, self.log_std_max, self.log_std_offset = log_std_min, log_std_max, log_std_offset
+
+    def distribution(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(observations).chunk(2, dim=-1)
+        return mean, (log_std + self.log_std_offset).clamp(self.log_std_min, self.log_std_max)
+
+    def forward(self, observations: torch.Tensor, n_samples: int | None = None, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actions, log π(a|s)): (B, A), (B,); with n_samples, (B, N, A), (B, N) from one MLP pass."""
+        mean, log_std = self.distribution(observations)
+        if n_samples is not None:
+            mean, log_std = mean.unsqueeze(1).expand(-1, n_samples, -1), log_std.unsqueeze(1).expand(-1, n_samples, -1)
+        noise = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
+        u = mean + noise * log_std.exp()
+        # log N(u; μ, σ) - Σ log(1 - tanh(u)²), the last term as 2(log 2 - u - softplus(-2u)) for stability
+        log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def act(self, observations: torch.Tensor) -> torch.Tensor:
+        """Greedy action tanh(μ(s))."""
+        return torch.tanh(self.distribution(observations)[0])
+
+
+# -- value functions ----------------------------------------------------------------------------
+
+
+class ValueNetwork(nn.Module):
+    """V(s): an MLP with a scalar head, (B, obs_dim) -> (B,)."""
+
+    def __init__(self, obs_dim: int, hidden_dims: Sequence[int] = (256, 256)) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden_dims)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations).squeeze(-1)
+
+
+class CriticEnsemble(nn.Module):
+    """n Q-functions Q_i(s, a) evaluated as ONE batched MLP: weights stacked (n, in, out), one matmul
+    per layer for all critics (no Python loop over critics).
+
+    forward(s (*, S), a (*, A)) -> (n, *): any leading batch shape, e.g. (B, N) sampled actions per
+    state. `detach_params=True` evaluates Q with the weights cut from the graph, so a loss through Q
+    (an actor's) sends gradients to the actions only, never to the critics.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), n_critics: int = 2, orthogonal_init: bool = False) -> None:
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims, 1]
+        self.n_critics = n_critics
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(n_critics, i, o)) for i, o in zip(dims[:-1], dims[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(n_critics, 1, o)) for o in dims[1:]])
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            last = k == len(self.weights) - 1
+            for i in range(n_critics):  # initialise each critic as its own nn.Linear stack would be
+                if orthogonal_init:  # CORL's CQL: orthogonal, gain sqrt(2) inside, 1e-2 on the head; zero bias
+                    nn.init.orthogonal_(w.data[i].T, gain=1e-2 if last else math.sqrt(2))
+                    nn.init.zeros_(b.data[i])
+                else:  # torch's nn.Linear default: U(±1/sqrt(fan_in)) for weight and bias
+                    bound = 1 / math.sqrt(w.shape[1])
+                    nn.init.uniform_(w.data[i], -bound, bound)
+                    nn.init.uniform_(b.data[i], -bound, bound)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor, detach_params: bool = False, first: int | None = None) -> torch.Tensor:
+        """Q-values (n, *batch); `first=k` evaluates only critics 0..k-1 (e.g. TD3's Q₁)."""
+        n = self.n_critics if first is None else first
+        x = torch.cat([observations, actions], dim=-1)
+        batch_shape = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1)  # (n, M, S+A): every critic sees the same input
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if n < self.n_critics:  # (slicing always would cost a full-size slice_backward per weight)
+                w, b = w[:n], b[:n]
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            h = torch.baddbmm(b, h, w)  # (n, M, out): all critics in one batched matmul
+            if k < len(self.weights) - 1:
+                h = h.relu_()  # in place: baddbmm's backward does not need its output
+        return h.reshape(n, *batch_shape)
+
+
+# -- target networks ----------------------------------------------------------------------------
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A target network: a deep copy that no optimiser sees and no loss differentiates."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging θ' ← τ θ + (1 − τ) θ', one fused foreach op over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+# -- transition batches for TD learning ---------------------------------------------------------
+# (Plumbing rather than nn code; it lives here until OfflineRLModule grows the same helper.)
+
+
+def reward_factor(reward_scale: float, normalize_reward: bool, return_min: float, return_max: float, max_episode_steps: int) -> float:
+    """The factor rewards are multiplied by. With `normalize_reward`, CORL's locomotion rule
+    r · T_max / (max_return − min_return) (IQL paper: returns then span about 1000), times `reward_scale`."""
+    factor = reward_scale
+    if normalize_reward:
+        factor *= max_episode_steps / max(return_max - return_min, 1e-8)
+    return factor
+
+
+def prepare_transitions(batch: dict[str, torch.Tensor], normalize, action_scaler: ActionScaler, reward_factor: float) -> dict[str, torch.Tensor]:
+    """Raw dataset batch -> what the losses use: standardised observations, unit-box actions, scaled
+    rewards (and Monte-Carlo returns, scaled alike). `terminals` stays termination-only: (B,) float."""
+    out = dict(batch)
+    out["observations"] = normalize(batch["observations"])
+    out["next_observations"] = normalize(batch["next_observations"])
+    out["actions"] = action_scaler.to_unit(batch["actions"]).clamp(-1.0, 1.0)
+    out["rewards"] = batch["rewards"] * reward_factor
+    if "mc_returns" in batch:
+        out["mc_returns"] = batch["mc_returns"] * reward_factor
+    return out

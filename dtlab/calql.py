@@ -1,0 +1,36 @@
+"""Cal-QL: Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar & Levine, "Cal-QL: Calibrated Offline
+RL Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023 (arXiv:2303.05479), Algorithm 1.
+
+CQL whose regulariser may push Q at the policy's actions down only as far as the behaviour policy's
+value: in the log-sum-exp, Q(s, a ~ π) is replaced by max(Q(s, a), V^μ(s)), with V^μ(s) estimated
+by the dataset's discounted Monte-Carlo return from (s, a) (the "one-line change" of the paper;
+CORL's cal_ql.py bounds the π(·|s) and π(·|s') samples, not the uniform ones). Everything else,
+including the defaults, is CQL's (dtlab.cql; CORL ships Cal-QL configs only for AntMaze/Adroit,
+so conf/calql.yaml keeps CORL's HalfCheetah CQL settings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dtlab.cql import CQL, Batch
+
+
+class CalQL(CQL):
+    """CQL with the policy-action Q-values of the regulariser lower-bounded by Monte-Carlo returns.
+
+    The batches carry `mc_returns`, Σ_k γ^k r_{t+k} to the episode's end, computed by the sampler
+    with this model's `discount` (see batch_format), scaled like the rewards. Takes every argument
+    of CQL (see `dtlab fit --model CalQL --help`).
+    """
+
+    @property
+    def batch_format(self) -> dict[str, Any]:  # type: ignore[override]
+        """Transitions plus Monte-Carlo returns discounted with the model's own γ."""
+        return {"kind": "transitions", "mc_return_gamma": self.hparams.discount}
+
+    def policy_values(self, q_policy: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """max(Q(s, a_π), G_MC(s)): (n_critics, B, 2N) bounded below by each state's return."""
+        return torch.maximum(q_policy, batch["mc_returns"][:, None])

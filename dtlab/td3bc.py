@@ -1,0 +1,150 @@
+"""TD3+BC: Fujimoto & Gu, "A Minimalist Approach to Offline Reinforcement Learning", NeurIPS 2021
+(arXiv:2106.06860), Algorithm 1.
+
+TD3 (clipped double Q, target policy smoothing, delayed actor and target updates) whose actor also
+regresses the dataset's actions:
+
+    π = argmax_π  E_(s,a)~D [ λ Q₁(s, π(s)) − (π(s) − a)² ],   λ = α / mean|Q₁(s, π(s))|  (detached)
+
+Defaults (conf/td3bc.yaml) are the paper's, which CORL's td3_bc.py keeps for every D4RL dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dtlab.base import OfflineRLModule
+from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, prepare_transitions, reward_factor, soft_update
+
+Batch = dict[str, torch.Tensor]
+
+
+class TD3BC(OfflineRLModule):
+    """TD3+BC with a deterministic tanh actor and a batched twin-critic ensemble.
+
+    One training batch = one critic update; the actor and all target networks move every
+    `policy_delay` batches (so Lightning's global_step grows by 1 + 1/policy_delay per batch).
+
+    Args:
+        spec: dataset spec (linked from the DataModule by the CLI).
+        actor_hidden_dims: hidden widths of the actor π(s).
+        critic_hidden_dims: hidden widths of each critic Q_i(s, a).
+        n_critics: critics in the ensemble; the target takes their minimum (TD3: 2).
+        actor_lr: Adam learning rate of the actor.
+        critic_lr: Adam learning rate of the critics.
+        discount: γ, the discount of the Bellman target r + γ (1 − terminal) Q'(s', a').
+        tau: Polyak rate of the target networks, θ' ← τ θ + (1 − τ) θ'.
+        alpha: α in λ = α / mean|Q|: small α → behaviour cloning, large α → TD3.
+        policy_noise: std of the Gaussian noise on the target action (target policy smoothing), in the unit action box.
+        noise_clip: the smoothing noise is clipped to ±noise_clip (unit box).
+        policy_delay: critic updates per actor (and target) update.
+        reward_scale: rewards are multiplied by this.
+        normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
+        compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any] | None = None,
+        actor_hidden_dims: Sequence[int] = (256, 256),
+        critic_hidden_dims: Sequence[int] = (256, 256),
+        n_critics: int = 2,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        discount: float = 0.99,
+        tau: float = 5e-3,
+        alpha: float = 2.5,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        policy_delay: int = 2,
+        reward_scale: float = 1.0,
+        normalize_reward: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(spec)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if self.spec.discrete:
+            raise ValueError("TD3+BC needs a continuous action space.")
+        self.actor = DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims)
+        self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
+        self.actor_target, self.critic_target = frozen_copy(self.actor), frozen_copy(self.critic)
+        self.reward_factor = reward_factor(reward_scale, normalize_reward, self.spec.return_min, self.spec.return_max, self.spec.max_episode_steps)
+        self.num_updates = 0  # critic updates so far (checkpointed): drives the policy delay
+        if compile:
+            self.critic_loss, self.actor_loss = torch.compile(self.critic_loss), torch.compile(self.actor_loss)
+
+    def act(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.action_scaler(self.actor(self.normalize(observations)))
+
+    # -- losses (inputs: prepared batches, see networks.prepare_transitions) -------------------------
+
+    @torch.no_grad()
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """y = r + γ (1 − terminal) min_i Q'_i(s', clip(π'(s') + clip(ε, ±c), ±1)),  ε ~ N(0, σ²): (B,)."""
+        next_obs = batch["next_observations"]
+        next_action = self.actor_target(next_obs)
+        noise = (torch.randn_like(next_action) * self.hparams.policy_noise).clamp(-self.hparams.noise_clip, self.hparams.noise_clip)
+        next_action = (next_action + noise).clamp(-1.0, 1.0)
+        next_q = self.critic_target(next_obs, next_action).min(0).values
+        return batch["rewards"] + self.hparams.discount * (1.0 - batch["terminals"]) * next_q
+
+    def critic_loss(self, batch: Batch) -> torch.Tensor:
+        """Σ_i E[(Q_i(s, a) − y)²]  (the twin critics' MSE, summed as in TD3)."""
+        q = self.critic(batch["observations"], batch["actions"])  # (n, B)
+        return (q - self.td_target(batch)).pow(2).mean(1).sum()
+
+    def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """−λ mean Q₁(s, π(s)) + mean (π(s) − a)²,  λ = α / mean|Q₁(s, π(s))| detached. Returns (loss, λ).
+
+        Q is evaluated with detached critic weights: this loss moves the actor only."""
+        pi = self.actor(batch["observations"])
+        q = self.critic(batch["observations"], pi, detach_params=True, first=1)[0]
+        lmbda = self.hparams.alpha / q.abs().mean().detach()
+        return -lmbda * q.mean() + F.mse_loss(pi, batch["actions"]), lmbda
+
+    # -- one update ------------------------------------------------------------------------------
+
+    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = ()) -> dict[str, torch.Tensor]:
+        """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
+        and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
+        actor_opt, critic_opt = optimizers
+        critic_loss = self.critic_loss(batch)
+        critic_opt.zero_grad(set_to_none=True)
+        backward(critic_loss)
+        critic_opt.step()
+        self.num_updates += 1
+        metrics = {"critic_loss": critic_loss.detach()}
+        if self.num_updates % self.hparams.policy_delay == 0:
+            actor_loss, lmbda = self.actor_loss(batch)
+            actor_opt.zero_grad(set_to_none=True)
+            backward(actor_loss)
+            actor_opt.step()
+            soft_update(self.critic_target, self.critic, self.hparams.tau)
+            soft_update(self.actor_target, self.actor, self.hparams.tau)
+            metrics |= {"actor_loss": actor_loss.detach(), "lambda": lmbda}
+        return metrics
+
+    def prepare(self, batch: Batch) -> Batch:
+        return prepare_transitions(batch, self.normalize, self.action_scaler, self.reward_factor)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        metrics = self.update(self.prepare(batch), self.optimizers(), self.manual_backward)
+        # Log only on the batches the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["num_updates"] = self.num_updates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_updates = checkpoint.get("num_updates", 0)

@@ -1,0 +1,302 @@
+"""TD3+BC, IQL, CQL and Cal-QL: loss isolation, Polyak targets, expectiles, conservatism, Cal-QL's
+bound, terminal vs truncation targets, shipped configs, and a CLI smoke fit of each."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dtlab.calql import CalQL
+from dtlab.cli import run_cli
+from dtlab.cql import CQL
+from dtlab.iql import IQL, expectile_loss
+from dtlab.td3bc import TD3BC
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["conf/td3bc.yaml", "conf/iql.yaml", "conf/cql.yaml", "conf/calql.yaml"]  # tests/test_cli.py checks every conf/
+SMALL = {"actor_hidden_dims": (16, 16), "critic_hidden_dims": (16, 16)}
+
+
+def toy_spec(obs_dim: int = 3, act_dim: int = 2) -> dict:
+    return dict(
+        dataset_id="toy", observation_dim=obs_dim, action_dim=act_dim, discrete=False,
+        action_low=[-1.0] * act_dim, action_high=[1.0] * act_dim, obs_mean=[0.0] * obs_dim, obs_std=[1.0] * obs_dim,
+        num_episodes=1, num_transitions=100, max_episode_steps=100, return_min=0.0, return_max=100.0, return_mean=50.0,
+    )
+
+
+def toy_batch(batch_size: int = 32, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observations": torch.randn(batch_size, obs_dim, generator=g),
+        "actions": torch.rand(batch_size, act_dim, generator=g) * 2 - 1,
+        "rewards": torch.randn(batch_size, generator=g),
+        "next_observations": torch.randn(batch_size, obs_dim, generator=g),
+        "terminals": (torch.rand(batch_size, generator=g) < 0.2).float(),
+        "mc_returns": torch.randn(batch_size, generator=g) * 10,
+    }
+
+
+def plain_optimizers(model) -> tuple[list, list]:
+    out = model.configure_optimizers()
+    return out if isinstance(out, tuple) else (out, [])
+
+
+def backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+# -- each loss reaches only its own networks ------------------------------------------------------
+
+
+def loss_cases(name: str):
+    """(model, [(loss name, closure, the parameters it may move)])."""
+    torch.manual_seed(0)
+    batch = toy_batch()
+    if name == "td3bc":
+        m = TD3BC(toy_spec(), **SMALL)
+        return m, [("critic_loss", lambda: m.critic_loss(batch), m.critic), ("actor_loss", lambda: m.actor_loss(batch)[0], m.actor)]
+    if name == "iql":
+        m = IQL(toy_spec(), value_hidden_dims=(16,), **SMALL)
+        adv = m.value_loss(batch)[1]
+        return m, [("value_loss", lambda: m.value_loss(batch)[0], m.value), ("critic_loss", lambda: m.critic_loss(batch), m.critic), ("actor_loss", lambda: m.actor_loss(batch, adv), m.actor)]
+    cls = CQL if name == "cql" else CalQL
+    m = cls(toy_spec(), lagrange=True, cql_n_actions=3, **SMALL)
+    log_pi = m.actor_loss(batch)[1]
+    gap = m.critic_loss(batch)[1]
+    return m, [
+        ("actor_loss", lambda: m.actor_loss(batch)[0], m.actor),
+        ("alpha_loss", lambda: m.alpha_loss(log_pi), [m.log_alpha]),
+        ("critic_loss", lambda: m.critic_loss(batch)[0], m.critic),
+        ("alpha_prime_loss", lambda: m.alpha_prime_loss(gap), [m.log_alpha_prime]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["td3bc", "iql", "cql", "calql"])
+def test_each_loss_reaches_only_its_own_networks(name: str) -> None:
+    model, cases = loss_cases(name)
+    for loss_name, loss, own in cases:
+        own_ids = {id(p) for p in (own.parameters() if isinstance(own, torch.nn.Module) else own)}
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        own_names = {n for n, p in model.named_parameters() if id(p) in own_ids}
+        assert touched, f"{name}.{loss_name} produced no gradient"
+        assert touched <= own_names, f"{name}.{loss_name} leaks gradients into {sorted(touched - own_names)}"
+    # target networks are outside every optimiser and every graph
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "target" in n)
+
+
+# -- target networks move by Polyak averaging only -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["td3bc", "iql", "cql", "calql"])
+def test_targets_move_by_polyak_only(name: str) -> None:
+    torch.manual_seed(0)
+    kwargs = {"td3bc": {}, "iql": {"value_hidden_dims": (16,)}, "cql": {"cql_n_actions": 3}, "calql": {"cql_n_actions": 3}}[name]
+    model = {"td3bc": TD3BC, "iql": IQL, "cql": CQL, "calql": CalQL}[name](toy_spec(), tau=0.1, **SMALL, **kwargs)
+    opts, scheds = plain_optimizers(model)
+    pairs = [(model.critic_target, model.critic)] + ([(model.actor_target, model.actor)] if name == "td3bc" else [])
+    for step in range(2):
+        before = [[p.clone() for p in target.parameters()] for target, _ in pairs]
+        model.update(toy_batch(seed=step), opts, backward, scheds)
+        moved = name != "td3bc" or step == 1  # TD3+BC: targets move with the delayed actor update only
+        for (target, online), old in zip(pairs, before):
+            for p_old, p_new, p_online in zip(old, target.parameters(), online.parameters()):
+                expected = 0.9 * p_old + 0.1 * p_online if moved else p_old
+                torch.testing.assert_close(p_new, expected)
+        critic_target, critic = pairs[0]  # the online critic has moved on by its own optimiser step
+        assert any(not torch.equal(a, b) for a, b in zip(critic_target.parameters(), critic.parameters()))
+
+
+def test_td3bc_policy_delay_and_lambda() -> None:
+    torch.manual_seed(0)
+    model = TD3BC(toy_spec(), policy_delay=3, **SMALL)
+    opts, _ = plain_optimizers(model)
+    actor_before = [p.clone() for p in model.actor.parameters()]
+    keys = [set(model.update(toy_batch(seed=i), opts, backward)) for i in range(3)]
+    assert keys[0] == keys[1] == {"critic_loss"} and "actor_loss" in keys[2]
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, model.actor.parameters()))
+    # λ = α / mean|Q₁(s, π(s))|
+    batch = toy_batch()
+    _, lmbda = model.actor_loss(batch)
+    q1 = model.critic(batch["observations"], model.actor(batch["observations"]))[0]
+    torch.testing.assert_close(lmbda, 2.5 / q1.abs().mean())
+
+
+# -- IQL's expectile regression -----------------------------------------------------------------
+
+
+def expectile_by_bisection(x: np.ndarray, tau: float) -> float:
+    """The τ-expectile e solves τ Σ(x − e)₊ = (1 − τ) Σ(e − x)₊ (monotone in e)."""
+    lo, hi = x.min(), x.max()
+    for _ in range(100):
+        e = (lo + hi) / 2
+        if tau * np.clip(x - e, 0, None).sum() > (1 - tau) * np.clip(e - x, 0, None).sum():
+            lo = e
+        else:
+            hi = e
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.7, 0.9])
+def test_expectile_loss_recovers_the_expectile(tau: float) -> None:
+    x = torch.as_tensor(np.random.default_rng(0).gamma(2.0, 1.0, size=500), dtype=torch.float32)  # skewed
+    v = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([v], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = expectile_loss(x - v, tau)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert v.item() == pytest.approx(expectile_by_bisection(x.numpy().astype(np.float64), tau), abs=1e-3)
+    if tau == 0.5:
+        assert v.item() == pytest.approx(x.mean().item(), abs=1e-3)
+    # two points {0, 1}: the τ-expectile is τ itself
+    w = torch.tensor(0.0, requires_grad=True)
+    for _ in range(2000):
+        w.grad = None
+        expectile_loss(torch.tensor([0.0, 1.0]) - w, tau).backward()
+        with torch.no_grad():
+            w -= 0.5 * w.grad
+    assert w.item() == pytest.approx(tau, abs=1e-4)
+
+
+# -- CQL's regulariser and Cal-QL's bound ---------------------------------------------------------
+
+
+def train_toy_critic(cql_alpha: float) -> tuple[float, float]:
+    """One state, 1-D actions; the data's actions lie in [0.3, 0.5], rewards 0, every step terminal,
+    so TD alone pins Q to 0 on the data and says nothing elsewhere. Returns (Q at data, Q off data)."""
+    torch.manual_seed(0)
+    model = CQL(toy_spec(1, 1), cql_alpha=cql_alpha, cql_n_actions=8, actor_hidden_dims=(16,), critic_hidden_dims=(32, 32), critic_lr=3e-3, orthogonal_init=False)
+    opts, _ = plain_optimizers(model)
+    for step in range(150):
+        g = torch.Generator().manual_seed(step)
+        batch = {
+            "observations": torch.zeros(64, 1), "next_observations": torch.zeros(64, 1),
+            "actions": 0.3 + 0.2 * torch.rand(64, 1, generator=g), "rewards": torch.zeros(64), "terminals": torch.ones(64),
+        }
+        model.update(batch, opts, backward)
+    with torch.no_grad():
+        q = model.critic(torch.zeros(2, 1), torch.tensor([[0.4], [-0.8]])).min(0).values
+    return q[0].item(), q[1].item()
+
+
+def test_cql_regulariser_lowers_q_off_the_data() -> None:
+    data_q, ood_q = train_toy_critic(cql_alpha=1.0)
+    plain_data_q, plain_ood_q = train_toy_critic(cql_alpha=0.0)
+    assert data_q - ood_q > 1.0  # conservative: clearly lower away from the data
+    assert abs(plain_data_q - plain_ood_q) < 0.5 * (data_q - ood_q)  # and not because of the TD loss
+
+
+def test_calql_bounds_policy_values_by_mc_returns() -> None:
+    torch.manual_seed(0)
+    cal = CalQL(toy_spec(), cql_n_actions=4, **SMALL)
+    cql = CQL(toy_spec(), cql_n_actions=4, **SMALL)
+    cql.load_state_dict(cal.state_dict())
+    batch = toy_batch(8)
+    q = torch.randn(2, 8, 6)
+    torch.testing.assert_close(cal.policy_values(q, batch), torch.maximum(q, batch["mc_returns"][:, None]))
+    torch.testing.assert_close(cql.policy_values(q, batch), q)
+
+    def gaps(mc: float) -> tuple[torch.Tensor, torch.Tensor]:
+        b = dict(batch, mc_returns=torch.full((8,), mc))
+        q_data = cal.critic(b["observations"], b["actions"])
+        torch.manual_seed(1)
+        g_cal = cal.cql_regularizer(b, q_data)
+        torch.manual_seed(1)
+        return g_cal, cql.cql_regularizer(b, q_data)
+
+    high_cal, high_cql = gaps(1e3)  # the bound binds: every policy value is lifted to the return
+    assert (high_cal > high_cql + 100).all()
+    low_cal, low_cql = gaps(-1e6)  # the bound never binds: Cal-QL is CQL
+    torch.testing.assert_close(low_cal, low_cql)
+    assert cal.batch_format == {"kind": "transitions", "mc_return_gamma": 0.99}
+    assert CalQL(toy_spec(), discount=0.9, **SMALL).batch_format["mc_return_gamma"] == 0.9
+
+
+# -- terminals: bootstrap through truncation, not through termination ------------------------------
+
+
+@pytest.mark.parametrize("name", ["td3bc", "iql", "cql"])
+def test_td_target_bootstraps_unless_terminal(name: str) -> None:
+    torch.manual_seed(0)
+    model = {"td3bc": TD3BC, "iql": IQL, "cql": CQL}[name](toy_spec(), discount=0.9, **SMALL)
+    with torch.no_grad():  # make the bootstrapped value a constant 5 at every (s', a')
+        head_w, head_b = (model.value.net[-1].weight, model.value.net[-1].bias) if name == "iql" else (model.critic_target.weights[-1], model.critic_target.biases[-1])
+        head_w.zero_()
+        head_b.fill_(5.0)
+    batch = toy_batch(4)
+    batch["rewards"] = torch.tensor([1.0, 1.0, -2.0, 0.0])
+    batch["terminals"] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # terminated / truncated-or-ongoing
+    torch.testing.assert_close(model.td_target(batch), torch.tensor([1.0, 1.0 + 0.9 * 5, -2.0, 0.9 * 5]))
+
+
+def test_sampled_terminals_are_terminations_only(pendulum_id: str) -> None:
+    """Pendulum episodes end by truncation only: every episode has a timeout, no transition is terminal."""
+    from dtlab.data import OfflineDataModule
+
+    data = OfflineDataModule(pendulum_id).transitions
+    assert data.columns["timeouts"].sum() == len(data.episode_lengths) and data.columns["terminals"].sum() == 0
+    batch = data.sample_transitions(512, torch.Generator().manual_seed(0), gamma=0.99)
+    assert batch["terminals"].dtype == torch.float32 and batch["terminals"].sum() == 0 and "mc_returns" in batch
+
+
+# -- shipped configs and CLI smoke fits ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_validates(config: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "-c", str(REPO / config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", [{"not_a_parameter": 1}, {"alpha": "a lot"}])
+def test_invalid_config_fails(change: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = yaml.safe_load((REPO / "conf/td3bc.yaml").read_text())
+    config["model"]["init_args"].update(change)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "-c", str(tmp_path / "bad.yaml"), "--print_config"])
+    assert exit_info.value.code != 0
+
+
+@pytest.mark.parametrize("algo", ["td3bc", "iql", "cql", "calql"])
+def test_smoke_fit_through_cli(algo: str, pendulum_id: str, tmp_path: Path) -> None:
+    steps = 6
+    cli = run_cli([
+        "fit", "-c", str(REPO / f"conf/{algo}.yaml"), "--data.dataset_id", pendulum_id,
+        "--data.batch_size", "32", "--data.steps_per_epoch", str(steps), "--data.eval_episodes", "2",
+        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ])
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/critic_loss"])) and math.isfinite(float(metrics["eval/normalized_score"]))
+    model = cli.model
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == steps
+    if algo == "td3bc":  # one critic step per batch, an actor step every second batch
+        assert cli.trainer.global_step == steps + steps // 2 and model.num_updates == steps
+    if algo == "iql":  # the actor's cosine schedule spans exactly the fit
+        assert model.lr_schedulers().T_max == steps and model.optimizers()[0].param_groups[0]["lr"] < 1e-9
+    # the greedy policy acts inside the action box
+    action = model.act(torch.zeros(3, model.obs_dim))
+    assert action.shape == (3, model.act_dim) and (action.abs() <= 2.0 + 1e-6).all()
+    # the checkpoint restores the model (targets and counters included)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    restored = type(model).load_from_checkpoint(ckpt)
+    for (n, p), q in zip(model.state_dict().items(), restored.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=n)
+    if algo == "td3bc":
+        assert restored.num_updates == steps

@@ -1,0 +1,223 @@
+"""Updates per second of dtlab's TD3+BC / IQL / CQL / Cal-QL: under Lightning, as a plain PyTorch loop, and
+d3rlpy 2.8.1's same algorithm (same network sizes, batch and data), side by side in one invocation.
+
+    MINARI_DATASETS_PATH=../shared/datasets/minari DTLAB_CACHE_DIR=/tmp/dtlab-cache \
+        python tools/bench_value.py --algos td3bc iql cql --updates 300 --rounds 3 \
+            --json tools/results/value/speed.jsonl
+
+Per algorithm and round (the order of the frameworks rotates from round to round, so a busy machine
+slows them alike), each framework runs `--warmup` untimed updates and then `--updates` timed ones:
+
+* lightning: `Trainer.fit` of the model built from conf/<algo>.yaml on the OfflineDataModule, CSV
+  logging on, progress bar off, no evaluation; timed from the end of the last warm-up batch to the end
+  of the last batch (data loading, hooks, logging, optimiser wrappers included).
+* plain: the same model class's own `update(prepare(batch), optimizers, loss.backward)` (the very
+  loss methods and update that training_step calls) with the optimisers of its configure_optimizers,
+  batches from the same sampler; no Lightning.
+* d3rlpy: tools/d3rlpy_baseline.py --mode speed in the .venv-d3rlpy interpreter (its replay buffer's
+  sampling + algo.update, as in d3rlpy's fit loop).
+* with --compile, lightning and plain once more with model.compile=true (compilation in the warm-up).
+* with --bf16, lightning once more with Trainer(precision="bf16-mixed") and plain under
+  torch.autocast("cpu", bfloat16): matmuls in bfloat16 (not the default; quality not implied).
+
+Medians over rounds and the ratios are printed; with --json one line per algorithm is appended.
+The quality table of tools/results/{value,d3rlpy}/quality.jsonl is printed with `--table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+D3RLPY_PYTHON = REPO / ".venv-d3rlpy" / "bin" / "python"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=["td3bc", "iql", "cql"], choices=["td3bc", "iql", "cql", "calql"])
+    p.add_argument("--dataset", default="halfcheetah/medium-v0", help="Minari dataset id (d3rlpy reads $MINARI_DATASETS_PATH/<id>)")
+    p.add_argument("--updates", type=int, default=300, help="timed updates per framework and round")
+    p.add_argument("--cql-updates", type=int, default=None, help="timed updates for CQL/Cal-QL (default: --updates / 10)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed updates first (compilation happens here)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every framework")
+    p.add_argument("--compile", action="store_true", help="also time model.compile=true (lightning and plain)")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (lightning precision=bf16-mixed, plain autocast)")
+    p.add_argument("--no-d3rlpy", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="append one JSON line per algorithm")
+    p.add_argument("--table", action="store_true", help="print the quality table from the JSON lines and exit")
+    return p.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:  # size the thread pools before torch is imported
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+D3RLPY_NAME = {"td3bc": "td3bc", "iql": "iql", "cql": "cql", "calql": None}  # d3rlpy has no Cal-QL
+
+
+def model_class_and_args(algo: str, **overrides) -> tuple[type, dict]:
+    import importlib
+
+    config = yaml.safe_load((REPO / f"conf/{algo}.yaml").read_text())["model"]
+    module, name = config["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name), {**config.get("init_args", {}), **overrides}
+
+
+def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision: str = "32-true", **overrides) -> float:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dtlab.data import OfflineDataModule
+
+    class UpdateTimer(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == warmup - 1:
+                self.start = time.perf_counter()
+            elif batch_idx == warmup + updates - 1:
+                self.stop = time.perf_counter()
+
+    cls, init_args = model_class_and_args(algo, **overrides)
+    data = OfflineDataModule(dataset, batch_size=256, steps_per_epoch=warmup + updates)
+    model = cls(spec=data.spec, **init_args)
+    timer = UpdateTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_epochs=1, limit_val_batches=0, precision=precision, num_sanity_val_steps=0, logger=CSVLogger(tmp), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+        trainer.fit(model, data)
+    return updates / (timer.stop - timer.start)
+
+
+def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = False, **overrides) -> float:
+    from dtlab.data import OfflineDataModule
+
+    cls, init_args = model_class_and_args(algo, **overrides)
+    data = OfflineDataModule(dataset, batch_size=256)
+    model = cls(spec=data.spec, **init_args)
+    out = model.configure_optimizers()
+    optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
+    gamma = model.batch_format.get("mc_return_gamma")
+    transitions, generator = data.transitions, torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        batch = transitions.sample_transitions(256, generator, gamma)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.update(model.prepare(batch), optimizers, torch.Tensor.backward, schedulers)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(updates):
+        step()
+    return updates / (time.perf_counter() - start)
+
+
+def time_d3rlpy(algo: str, dataset: str, warmup: int, updates: int, threads: int) -> float:
+    root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speed.jsonl"
+        cmd = [str(D3RLPY_PYTHON), str(REPO / "tools/d3rlpy_baseline.py"), "--dataset-dir", str(root / dataset), "--algo", D3RLPY_NAME[algo],
+               "--mode", "speed", "--updates", str(updates), "--warmup", str(warmup), "--chunks", "1", "--threads", str(threads), "--json", str(out)]
+        subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text().splitlines()[-1])["updates_per_s_overall"]
+
+
+def bench(algo: str, args: argparse.Namespace) -> dict:
+    updates = args.updates if algo in ("td3bc", "iql") else (args.cql_updates or max(args.updates // 10, 5))
+    warmup = args.warmup if algo in ("td3bc", "iql") else max(args.warmup // 4, 3)
+    runners = {
+        "lightning": lambda: time_lightning(algo, args.dataset, warmup, updates),
+        "plain": lambda: time_plain(algo, args.dataset, warmup, updates),
+    }
+    if not args.no_d3rlpy and D3RLPY_NAME[algo]:
+        runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
+    if args.compile:
+        runners["lightning_compiled"] = lambda: time_lightning(algo, args.dataset, max(warmup, 10), updates, compile=True)
+        runners["plain_compiled"] = lambda: time_plain(algo, args.dataset, max(warmup, 10), updates, compile=True)
+    if args.bf16:
+        runners["lightning_bf16"] = lambda: time_lightning(algo, args.dataset, warmup, updates, precision="bf16-mixed")
+        runners["plain_bf16"] = lambda: time_plain(algo, args.dataset, warmup, updates, bf16=True)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+            rates[name].append(runners[name]())
+            print(f"  {algo} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    ratios = {"lightning_vs_d3rlpy": median["lightning"] / median["d3rlpy"]} if "d3rlpy" in median else {}
+    ratios["plain_vs_d3rlpy"] = median["plain"] / median["d3rlpy"] if "d3rlpy" in median else None
+    ratios["lightning_vs_plain"] = median["lightning"] / median["plain"]
+    ratios["lightning_ms_per_update_overhead"] = 1e3 / median["lightning"] - 1e3 / median["plain"]
+    if args.compile:
+        ratios["compiled_vs_eager_lightning"] = median["lightning_compiled"] / median["lightning"]
+        ratios["compiled_vs_eager_plain"] = median["plain_compiled"] / median["plain"]
+    if args.bf16:
+        ratios["bf16_vs_fp32_lightning"] = median["lightning_bf16"] / median["lightning"]
+        if "d3rlpy" in median:
+            ratios["lightning_bf16_vs_d3rlpy"] = median["lightning_bf16"] / median["d3rlpy"]
+    return {"algo": algo, "dataset": args.dataset, "timed_updates": updates, "warmup": warmup, "rounds": args.rounds, "threads": args.threads,
+            "batch_size": 256, "updates_per_s_median": median, "updates_per_s": rates, "ratios": ratios,
+            "torch": torch.__version__, "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_1m_at_end": os.getloadavg()[0]},
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def quality_table() -> None:
+    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy."""
+    rows: dict[tuple, dict[str, list[float]]] = {}
+    ours = REPO / "tools/results/value/quality.jsonl"
+    for line in ours.read_text().splitlines() if ours.exists() else []:
+        r = json.loads(line)
+        if "seed" in r and "eval/normalized_score" in r:
+            algo = Path(r["config"][0]).stem
+            rows.setdefault((algo, r["dataset"], r["updates"]), {}).setdefault("dtlab", []).append(r["eval/normalized_score"])
+    theirs = REPO / "tools/results/d3rlpy/quality.jsonl"
+    for line in theirs.read_text().splitlines() if theirs.exists() else []:
+        r = json.loads(line)
+        if r.get("mode") == "quality":
+            rows.setdefault((r["algo"], r["dataset_id"], r["updates"]), {}).setdefault("d3rlpy", []).append(r["normalized_score_mean"])
+
+    def fmt(v: list[float] | None) -> str:
+        return f"{statistics.mean(v):5.1f} ± {statistics.pstdev(v):4.1f} (n={len(v)})" if v else "-"
+
+    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22}")
+    for (algo, ds, updates), by in sorted(rows.items()):
+        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22}")
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.table:
+        quality_table()
+        return
+    torch.set_num_threads(args.threads)
+    if not args.no_d3rlpy and not D3RLPY_PYTHON.exists():
+        sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --no-d3rlpy)")
+    print(f"updates/s on {args.dataset}, batch 256, {args.threads} thread(s), median of {args.rounds} rounds")
+    for algo in args.algos:
+        result = bench(algo, args)
+        m, r = result["updates_per_s_median"], result["ratios"]
+        line = "  ".join(f"{k} {v:.1f}" for k, v in m.items())
+        print(f"{algo}: {line} | lightning/d3rlpy {r.get('lightning_vs_d3rlpy', float('nan')):.2f}x, "
+              f"lightning/plain {r['lightning_vs_plain']:.2f}x ({r['lightning_ms_per_update_overhead']:+.2f} ms/update)"
+              + (f", compiled/eager lightning {r['compiled_vs_eager_lightning']:.2f}x plain {r['compiled_vs_eager_plain']:.2f}x" if args.compile else "")
+              + (f", bf16/fp32 lightning {r['bf16_vs_fp32_lightning']:.2f}x" if args.bf16 else ""), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with args.json.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main(ARGS)
