@@ -1,0 +1,420 @@
+"""Decision Transformer (Chen et al. 2021): offline RL as return-conditioned sequence modelling.
+
+Each step t of a trajectory becomes three tokens (R̂_t, s_t, a_t): the return still to go, the state and
+the action, each with its own linear embedding plus a learned embedding of the timestep t. A causal
+GPT-2 (transformers' `DecisionTransformerModel`, not a copy) reads the interleaved tokens and predicts
+a_t from the hidden state of the s_t token, so the prediction never sees a_t or anything later.
+At evaluation the first R̂ is the return we ask for; it is decremented by every reward received.
+
+    dtlab fit -c conf/dt.yaml                                   # the embedded Pendulum data
+    dtlab fit -c conf/dt.yaml --data.dataset_id halfcheetah/medium-v0 --model.init_args.eval_targets '[6000]'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from gymnasium.vector import AutoresetMode
+from torch import nn
+from transformers import DecisionTransformerConfig, DecisionTransformerModel
+from transformers.cache_utils import DynamicCache
+from transformers.pytorch_utils import Conv1D
+
+from dtlab.base import OfflineRLModule
+from dtlab.evaluate import make_vector_env, rollout
+from dtlab.sampling import PAD_ACTION
+
+
+class DecisionTransformer(OfflineRLModule):
+    """Decision Transformer on transformers' GPT-2: (R̂, s, a) tokens, actions predicted from the state token.
+
+    Continuous actions: tanh head scaled to the action box, masked MSE. Discrete actions: one-hot action
+    input, logits head (no tanh), masked cross-entropy. Left padding (mask 0) never enters attention or
+    the loss. Training batches are the DataModule's DT windows of `context_len` steps.
+
+    Args:
+        spec: dataset spec (linked from the DataModule by the CLI).
+        context_len: K, steps per training window and the most the policy sees when acting.
+        embed_dim: width of every token embedding and of GPT-2's residual stream.
+        n_layer: GPT-2 blocks.
+        n_head: attention heads per block (embed_dim must divide by it).
+        dropout: dropout on embeddings, attention weights and residual branches.
+        activation: GPT-2's MLP non-linearity ("relu" as in the DT paper's gym code, or "gelu_new").
+        lr: AdamW peak learning rate, reached after the warm-up.
+        weight_decay: AdamW decay on the weight matrices only (not biases, LayerNorms or embeddings).
+        warmup_steps: updates of linear learning-rate warm-up from 0 to `lr`; constant afterwards.
+        rtg_scale: returns-to-go are multiplied by this before embedding (1e-3 for MuJoCo returns in the 1000s).
+        eval_targets: target returns evaluated in one validation pass; the first is the primary one, logged as
+            `eval/normalized_score`. None: the expert reference return (ref_max_score, else the data's best
+            return) first, then three targets spread from the data's worst return up to it.
+        cache_keep: when acting, GPT-2's key/value cache lets every step feed only 3 new tokens; once the context
+            holds K steps it restarts from its last `cache_keep` steps (re-encoded once), so the policy sees
+            between cache_keep+1 and K steps. None: K // 2 (about 6 tokens per step on average). K - 1 is the
+            paper's sliding window (every step re-encodes K - 1 steps: exact but no faster than no cache).
+        max_ep_len: size of the timestep embedding (timesteps beyond are clipped). None: the data's longest episode.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any] | None = None,
+        context_len: int = 20,
+        embed_dim: int = 128,
+        n_layer: int = 3,
+        n_head: int = 1,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 10_000,
+        rtg_scale: float = 0.001,
+        eval_targets: Sequence[float] | None = None,
+        cache_keep: int | None = None,
+        max_ep_len: int | None = None,
+    ) -> None:
+        super().__init__(spec)
+        self.save_hyperparameters()
+        # batch_format is a ClassVar on the base; the context length is ours, so set it per instance.
+        self.batch_format = {"kind": "windows", "context_len": context_len}
+        self.context_len = context_len
+        self.cache_keep = context_len // 2 if cache_keep is None else cache_keep
+        if not 0 <= self.cache_keep < context_len:
+            raise ValueError(f"cache_keep must be in [0, context_len) = [0, {context_len}), got {cache_keep}.")
+        self.max_ep_len = max_ep_len or self.spec.max_episode_steps
+        self.eval_targets = [float(t) for t in eval_targets] if eval_targets else default_targets(self.spec)
+        config = DecisionTransformerConfig(
+            state_dim=self.obs_dim,
+            act_dim=self.act_dim,  # discrete: the number of actions (one-hot in, logits out)
+            hidden_size=embed_dim,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_inner=4 * embed_dim,
+            activation_function=activation,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            max_ep_len=self.max_ep_len,
+            action_tanh=not self.spec.discrete,
+            n_positions=1,  # GPT-2's wpe only ever sees position 0: the timestep embedding replaces it
+            vocab_size=1,
+            bos_token_id=None,
+            eos_token_id=None,
+            attn_implementation="sdpa",
+        )
+        self.model = DecisionTransformerModel(config)
+        # Parts of the HF model DT never uses (token ids, next-state/return heads): frozen, so DDP
+        # does not wait for their gradients and AdamW leaves them alone.
+        for unused in (self.model.encoder.wte, self.model.predict_state, self.model.predict_return):
+            unused.requires_grad_(False)
+
+    # -- the sequence model ------------------------------------------------------------------------
+
+    def tokens(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Raw steps (B, T, ...) -> (B, 3T, H) tokens interleaved R̂_1, s_1, a_1, R̂_2, ..., as in HF's forward."""
+        m = self.model
+        time = m.embed_timestep(timesteps.clamp(0, self.max_ep_len - 1))  # (B, T, H), added to all 3 tokens
+        if self.spec.discrete:
+            action_in = F.one_hot(actions.long().clamp(min=0), self.act_dim).float()
+        else:
+            action_in = self.action_scaler.to_unit(actions)
+        r = m.embed_return(returns_to_go * self.hparams.rtg_scale) + time
+        s = m.embed_state(self.normalize(observations)) + time
+        a = m.embed_action(action_in) + time
+        b, t, h = s.shape
+        return m.embed_ln(torch.stack((r, s, a), dim=2).reshape(b, 3 * t, h))
+
+    def encode(self, tokens: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens. With a cache, the
+        new tokens attend to the cached ones too and their keys/values are appended to it."""
+        out = self.model.encoder(
+            inputs_embeds=tokens,
+            attention_mask=token_mask,
+            # All zeros, as in HF's DT forward: with a cache GPT-2 would otherwise number new tokens
+            # past+0, past+1, ... and add position embeddings the model never saw in training.
+            position_ids=torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def action_head(self, state_hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of s tokens -> actions in the box (continuous) or logits (discrete)."""
+        out = self.model.predict_action(state_hidden)  # tanh'd when continuous
+        return out if self.spec.discrete else self.action_scaler(out)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K, ...) windows -> (B, K, act_dim): the prediction for a_t from the s_t token."""
+        b, k = mask.shape
+        tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
+        token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
+        hidden = self.encode(tokens, token_mask).reshape(b, k, 3, -1)
+        return self.action_head(hidden[:, :, 1])  # s_t tokens
+
+    def dt_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps."""
+        preds = self(batch["observations"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
+        mask = batch["mask"].float()
+        if self.spec.discrete:
+            per_step = F.cross_entropy(preds.flatten(0, 1), batch["actions"].flatten(), reduction="none").view_as(mask)
+        else:
+            per_step = ((preds - batch["actions"]) ** 2).mean(-1)
+        return (per_step * mask).sum() / mask.sum().clamp(min=1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.dt_loss(batch)
+        self.log("train/dt_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decay weight matrices (Linear/Conv1D) only; biases, LayerNorms and embeddings stay undecayed.
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    (decay if name == "weight" and isinstance(module, (nn.Linear, Conv1D)) else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- acting and evaluation ---------------------------------------------------------------------
+
+    def make_agent(self, num_envs: int, target_returns: Sequence[float] | float | None = None, use_cache: bool = True, next_step_autoreset: bool = True) -> DTAgent:
+        """The policy over `num_envs` envs, each conditioned on its target return (default: the primary
+        eval target). Call `.eval()` first outside Lightning's validation, or dropout stays on.
+        `next_step_autoreset`: the envs reset on the step after an episode ends (gymnasium's default)."""
+        if target_returns is None:
+            target_returns = self.eval_targets[0]
+        targets = np.broadcast_to(np.asarray(target_returns, dtype=np.float64), (num_envs,))
+        return DTAgent(self, targets, use_cache=use_cache, next_step_autoreset=next_step_autoreset)
+
+    def evaluate_targets(self, seeds: list[int], targets: Sequence[float]) -> np.ndarray:
+        """(len(targets), len(seeds)) returns: every target on the same seeds, all in one vector env."""
+        n = len(seeds)
+        env = make_vector_env(self.spec, len(targets) * n)
+        try:
+            next_step = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
+            agent = self.make_agent(len(targets) * n, np.repeat(np.asarray(targets, dtype=np.float64), n), next_step_autoreset=next_step)
+            returns, _ = rollout(agent, env, list(seeds) * len(targets))
+        finally:
+            env.close()
+        return returns.reshape(len(targets), n)
+
+    def evaluate(self, seeds: list[int]) -> np.ndarray:
+        return self.evaluate_targets(seeds, self.eval_targets[:1])[0]
+
+    def _evaluate_and_log(self, prefix: str, seeds: list[int]) -> None:
+        returns = self.evaluate_targets(seeds, self.eval_targets)
+        has_refs = self.spec.ref_min_score is not None and self.spec.ref_max_score is not None
+        for target, r in zip(self.eval_targets, returns):
+            self.log(f"{prefix}/return/target_{target:g}", float(r.mean()), sync_dist=True, batch_size=len(r))
+            if has_refs:
+                score = float(np.mean(self.spec.normalized_score(r)))
+                self.log(f"{prefix}/normalized_score/target_{target:g}", score, sync_dist=True, batch_size=len(r))
+        self.log_returns(prefix, returns[0])  # the primary target as <prefix>/return, <prefix>/normalized_score
+        self._eval_returns.append(torch.as_tensor(returns, dtype=torch.float64, device=self.device))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_returns: list[torch.Tensor] = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate_and_log("eval", seeds.tolist())
+
+    def test_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate_and_log("test", seeds.tolist())
+
+    def on_validation_epoch_end(self) -> None:
+        self._save_conditioning_plot("eval")
+
+    def on_test_epoch_end(self) -> None:
+        self._save_conditioning_plot("test")
+
+    def _save_conditioning_plot(self, prefix: str) -> None:
+        """Achieved vs target return of this evaluation as return_conditioning[_test].png in the logger's dir."""
+        if not getattr(self, "_eval_returns", None):
+            return
+        local = torch.cat(self._eval_returns, dim=1)  # (targets, episodes on this rank)
+        returns = self.all_gather(local)
+        if returns.dim() == 3:  # (world, targets, episodes) under DDP
+            returns = returns.permute(1, 0, 2).flatten(1)
+        self._write_plot(prefix, returns.cpu().numpy())
+
+    @rank_zero_only
+    def _write_plot(self, prefix: str, returns: np.ndarray) -> None:
+        if self.trainer.logger is None or self.trainer.log_dir is None:  # no run folder to write into
+            return
+        log_dir = Path(self.trainer.log_dir)
+        name = "return_conditioning" + ("" if prefix == "eval" else f"_{prefix}")
+        title = f"{self.spec.dataset_id}, step {self.global_step}"
+        plot_return_conditioning(self.eval_targets, returns, log_dir / f"{name}.png", self.spec, title)
+
+
+def default_targets(spec) -> list[float]:
+    """The expert's return (or the data's best) first, then three from the data's worst return up to it."""
+    top = spec.ref_max_score if spec.ref_max_score is not None else spec.return_max
+    low = spec.return_min
+    return [float(top)] + [float(low + (top - low) * f) for f in (0.0, 1 / 3, 2 / 3)]
+
+
+class DTAgent:
+    """A Decision Transformer as an act-per-step policy over N environments (the Agent protocol).
+
+    Per env it keeps the current episode's context (the last steps' raw observations, actions,
+    returns-to-go and timesteps, left-padded to K, newest at K-1), the return still to go (raw
+    units, decremented by every reward) and the timestep; all three start over with each episode.
+
+    With `use_cache` GPT-2's keys/values of the context are kept, so a step feeds 3 new tokens
+    (a_{t-1}, R̂_t, s_t). The batched cache holds (N, heads, L, d) per layer with a (N, L) mask,
+    newest tokens right-aligned; an env whose context is full restarts from its last `cache_keep`
+    steps, re-encoded alone and written over the right end of its row. Without the cache the same
+    context is re-encoded every step: the reference the cached path must reproduce.
+    """
+
+    def __init__(self, model: DecisionTransformer, target_returns: np.ndarray, use_cache: bool = True, next_step_autoreset: bool = True) -> None:
+        self.model, self.use_cache, self.next_step_autoreset = model, use_cache, next_step_autoreset
+        self.targets = np.asarray(target_returns, dtype=np.float64)
+        n, k, dev = len(self.targets), model.context_len, model.device
+        self.n, self.k, self.device = n, k, dev
+        self.observations = torch.zeros(n, k, model.obs_dim, device=dev)
+        if model.spec.discrete:
+            self.actions = torch.zeros(n, k, dtype=torch.long, device=dev)
+        else:
+            self.actions = torch.full((n, k, model.act_dim), PAD_ACTION, device=dev)
+        self.returns_to_go_ctx = torch.zeros(n, k, 1, device=dev)
+        self.timesteps_ctx = torch.zeros(n, k, dtype=torch.long, device=dev)
+        self.length = np.zeros(n, dtype=np.int64)  # steps in each env's context
+        self.returns_to_go = self.targets.copy()  # raw return still to go
+        self.timestep = np.zeros(n, dtype=np.int64)
+        self.resetting = np.zeros(n, dtype=bool)  # the env's next step is its auto-reset step
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (N, heads, L, d)
+        self.kv_mask = torch.zeros(n, 0, dtype=torch.long, device=dev)
+
+    def _push(self, observations: torch.Tensor) -> np.ndarray:
+        """Shift every context left by one step and write the new step at K-1; returns which envs
+        restarted a full context (they keep their last cache_keep steps)."""
+        full = self.length >= self.k
+        self.length[full] = self.model.cache_keep
+        for buf in (self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx):
+            buf.copy_(torch.roll(buf, -1, dims=1))
+        self.observations[:, -1] = observations
+        self.actions[:, -1] = 0 if self.model.spec.discrete else PAD_ACTION  # a_t is unknown yet (and unseen by s_t)
+        self.returns_to_go_ctx[:, -1, 0] = torch.as_tensor(self.returns_to_go, dtype=torch.float32, device=self.device)
+        self.timesteps_ctx[:, -1] = torch.as_tensor(self.timestep, device=self.device)
+        self.length += 1
+        return full
+
+    def _step_mask(self) -> torch.Tensor:
+        """(N, K) 1 on the steps of each env's context."""
+        start = torch.as_tensor(self.k - self.length, device=self.device)
+        return (torch.arange(self.k, device=self.device)[None] >= start[:, None]).long()
+
+    @torch.no_grad()
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        obs = torch.as_tensor(observations, dtype=torch.float32, device=self.device)
+        restarted = self._push(obs)
+        m = self.model
+        if not self.use_cache or self.k < 2:  # K = 1: every step is a fresh context, nothing to cache
+            preds = m(self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx, self._step_mask())[:, -1]
+        else:
+            preds = self._act_cached(restarted)
+        actions = preds.argmax(-1) if m.spec.discrete else preds.float()  # float: bf16 under autocast
+        self.actions[:, -1] = actions
+        return actions.cpu().numpy()
+
+    def _act_cached(self, restarted: np.ndarray) -> torch.Tensor:
+        m, k = self.model, self.k
+        # Re-encode the kept steps of restarted contexts: R̂, s, a of each but the newest step's a,
+        # which comes with the new tokens below. (Steps K-1-keep .. K-2 after the shift.)
+        if self.kv is not None and restarted.any():
+            keep = m.cache_keep
+            rows = torch.as_tensor(np.flatnonzero(restarted), device=self.device)
+            span = slice(k - 1 - keep, k - 1)
+            if keep > 0:
+                kept = m.tokens(self.observations[rows, span], self.actions[rows, span], self.returns_to_go_ctx[rows, span], self.timesteps_ctx[rows, span])
+                kept = kept[:, :-1]  # (R, 3·keep - 1, H)
+                cache = DynamicCache()
+                m.encode(kept, torch.ones(kept.shape[:2], dtype=torch.long, device=self.device), cache)
+                width = kept.shape[1]
+                for layer, (key, value) in enumerate(self.kv):
+                    key[rows, :, -width:] = cache.layers[layer].keys
+                    value[rows, :, -width:] = cache.layers[layer].values
+            self.kv_mask[rows] = 0
+            if keep > 0:
+                self.kv_mask[rows, -width:] = 1
+        # New tokens: a_{t-1} (masked at a context's first step), R̂_t, s_t.
+        steps = slice(k - 2, k)
+        new = m.tokens(self.observations[:, steps], self.actions[:, steps], self.returns_to_go_ctx[:, steps], self.timesteps_ctx[:, steps])[:, 2:5]
+        first = torch.as_tensor(self.length == 1, device=self.device)
+        new_mask = torch.ones(self.n, 3, dtype=torch.long, device=self.device)
+        new_mask[:, 0] = (~first).long()
+        cache = DynamicCache()
+        if self.kv is not None:
+            for layer, (key, value) in enumerate(self.kv):
+                cache.update(key, value, layer)
+        mask = torch.cat([self.kv_mask, new_mask], dim=1)
+        hidden = m.encode(new, mask, cache)  # (N, 3, H)
+        # Keep the cache, dropping leading columns no env attends to any more.
+        live = int(mask.any(0).long().argmax())
+        self.kv = [(layer.keys[:, :, live:], layer.values[:, :, live:]) for layer in cache.layers]
+        self.kv_mask = mask[:, live:]
+        return m.action_head(hidden[:, 2])
+
+    def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
+        self.returns_to_go = self.returns_to_go - rewards
+        self.timestep += 1
+        dones = np.asarray(dones, dtype=bool)
+        # gymnasium's vector envs auto-reset by default on the step after an episode ends (NEXT_STEP):
+        # that step's action is ignored and it returns the new episode's first observation. So an env
+        # starts over both at its end and once more after that step.
+        start_over = dones | self.resetting
+        self.resetting = dones & self.next_step_autoreset
+        if start_over.any():  # empty context, full target
+            self.returns_to_go[start_over] = self.targets[start_over]
+            self.timestep[start_over] = 0
+            self.length[start_over] = 0
+            if self.kv is not None:
+                self.kv_mask[torch.as_tensor(start_over, device=self.device)] = 0
+
+
+def plot_return_conditioning(targets: Sequence[float], returns: np.ndarray, path: str | Path, spec=None, title: str = "") -> Path:
+    """PNG of achieved vs target return (mean ± std over episodes), with the y = x line and the
+    data's return range; a JSON of the numbers is written beside it. returns: (targets, episodes)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    targets = np.asarray(targets, dtype=np.float64)
+    returns = np.asarray(returns, dtype=np.float64).reshape(len(targets), -1)
+    order = np.argsort(targets)
+    t, mean, std = targets[order], returns.mean(1)[order], returns.std(1)[order]
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
+    lo, hi = min(t.min(), mean.min()), max(t.max(), mean.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = target")
+    if spec is not None:
+        ax.axhspan(spec.return_min, spec.return_max, color="grey", alpha=0.15, label="returns in the data")
+        if spec.ref_max_score is not None:
+            ax.axhline(spec.ref_max_score, color="green", lw=1, ls=":", label="expert reference")
+    ax.errorbar(t, mean, yerr=std, marker="o", capsize=3, label=f"achieved (mean ± std, {returns.shape[1]} episodes)")
+    ax.set_xlabel("target return")
+    ax.set_ylabel("achieved return")
+    ax.set_title(title or "Return conditioning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    record = {"title": title, "targets": t.tolist(), "return_mean": mean.tolist(), "return_std": std.tolist(), "returns": returns[order].tolist()}
+    if spec is not None and spec.ref_min_score is not None and spec.ref_max_score is not None:
+        record["normalized_score_mean"] = [float(np.mean(spec.normalized_score(r))) for r in returns[order]]
+    path.with_suffix(".json").write_text(json.dumps(record))
+    return path

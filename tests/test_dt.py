@@ -1,0 +1,220 @@
+"""Decision Transformer: causality, padding, HF equivalence, KV-cache acting, RTG bookkeeping, config, CartPole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab.cli import run_cli
+from dtlab.data import OfflineDataModule
+from dtlab.dt import DecisionTransformer
+from dtlab.evaluate import rollout
+
+K = 6  # short contexts keep the tests fast
+
+
+def tiny(spec: dict, **kw) -> DecisionTransformer:
+    torch.manual_seed(0)
+    args = dict(context_len=K, embed_dim=32, n_layer=2, n_head=2, dropout=0.1, eval_targets=[-150.0])
+    return DecisionTransformer(spec, **{**args, **kw}).eval()
+
+
+def windows(dm: OfflineDataModule, batch: int = 8, context: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
+    return dm.transitions.sample_windows(batch, context, torch.Generator().manual_seed(seed))
+
+
+def predict(model: DecisionTransformer, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["mask"])
+
+
+@pytest.fixture
+def pendulum(pendulum_id: str) -> OfflineDataModule:
+    return OfflineDataModule(pendulum_id)
+
+
+def test_prediction_for_a_t_never_sees_a_t_or_later(pendulum: OfflineDataModule) -> None:
+    model, b = tiny(pendulum.spec), windows(pendulum)
+    base = predict(model, b)
+    for t in range(K):
+        changed = {k: v.clone() for k, v in b.items()}
+        changed["actions"][:, t:] += 1.0  # a_t and every later token of the window
+        for key in ("observations", "returns_to_go", "timesteps"):
+            changed[key][:, t + 1 :] = changed[key][:, t + 1 :] * 2 + 1
+        out = predict(model, changed)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        if t + 1 < K:  # the perturbation does reach later predictions
+            assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-4
+
+
+def test_padding_changes_nothing(pendulum: OfflineDataModule) -> None:
+    model, b = tiny(pendulum.spec), windows(pendulum, batch=4)
+    b["mask"][:, :3] = 0  # left-pad the first 3 steps of every window
+    pad = b["mask"] == 0
+    base, loss = predict(model, b), model.dt_loss(b)
+    junk = {k: v.clone() for k, v in b.items()}
+    junk["observations"][pad] = 1e3
+    junk["actions"][pad] = 1.7
+    junk["returns_to_go"][pad] = -5e4
+    junk["timesteps"][pad] = 7
+    torch.testing.assert_close(predict(model, junk)[~pad], base[~pad], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.dt_loss(junk), loss, rtol=0, atol=1e-6)
+    # A left-padded window predicts like its unpadded tail alone.
+    tail = {k: v[:, 3:] for k, v in b.items()}
+    torch.testing.assert_close(predict(model, tail), base[:, 3:], rtol=0, atol=1e-5)
+
+
+def test_forward_is_transformers_decision_transformer(pendulum: OfflineDataModule) -> None:
+    model, b = tiny(pendulum.spec), windows(pendulum)
+    b["mask"][:2, :2] = 0
+    hf = model.model(
+        states=model.normalize(b["observations"]), actions=model.action_scaler.to_unit(b["actions"]), rewards=b["rewards"],
+        returns_to_go=b["returns_to_go"] * model.hparams.rtg_scale, timesteps=b["timesteps"], attention_mask=b["mask"],
+    ).action_preds
+    torch.testing.assert_close(predict(model, b), model.action_scaler(hf).detach())
+
+
+def test_only_used_parameters_train(pendulum: OfflineDataModule) -> None:
+    model = tiny(pendulum.spec).train()
+    model.dt_loss(windows(pendulum)).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name  # DDP-safe: no trainable parameter without a gradient
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.encoder.wte.weight", "model.predict_state.weight", "model.predict_state.bias", "model.predict_return.weight", "model.predict_return.bias"}
+
+
+def run_agents(model: DecisionTransformer, steps: int, dones_at: dict[int, list[int]], n: int = 3) -> float:
+    """Feed cached and uncached agents the same observations/rewards/episode ends; max action gap."""
+    rng = np.random.default_rng(0)
+    agents = [model.make_agent(n, np.linspace(-100, -300, n), use_cache=c) for c in (True, False)]
+    gap = 0.0
+    for t in range(steps):
+        obs = rng.normal(size=(n, model.obs_dim)).astype(np.float32)
+        acts = [a.act(obs) for a in agents]
+        gap = max(gap, float(np.abs(acts[0].astype(np.float64) - acts[1]).max()))
+        rewards, dones = rng.normal(size=n), np.isin(np.arange(n), dones_at.get(t, []))
+        for a in agents:
+            a.observe(rewards, dones)
+    return gap
+
+
+@pytest.mark.parametrize("cache_keep", [None, K - 1, 0])
+def test_kv_cache_matches_reencoding(pendulum: OfflineDataModule, cache_keep: int | None) -> None:
+    model = tiny(pendulum.spec, cache_keep=cache_keep)
+    assert run_agents(model, K - 2, {}) < 1e-5  # shorter than the context
+    # Longer than K, several restarts, and episodes ending at different times in different envs.
+    assert run_agents(model, 4 * K + 3, {K + 1: [0], 2 * K + 2: [1, 2], 3 * K: [0]}) < 1e-5
+
+
+def test_kv_cache_matches_reencoding_discrete(cartpole_id: str) -> None:
+    model = tiny(OfflineDataModule(cartpole_id).spec)
+    assert run_agents(model, 4 * K + 3, {K + 1: [0], 2 * K + 2: [1, 2]}) == 0  # identical greedy actions
+
+
+class ScriptedVectorEnv:
+    """Two envs with episodes of 3 and 5 steps; env i's reward at episode step t is (i + 1) * (t + 1).
+    Auto-resets like gymnasium's vector envs: on the step after an episode ends (NEXT_STEP, that step's
+    action ignored, reward 0) or at once (SAME_STEP: the observation returned with the end is the new one)."""
+
+    lengths = (3, 5)
+
+    def __init__(self, same_step: bool = False) -> None:
+        self.same_step = same_step
+        self.t = np.zeros(2, dtype=int)
+        self.ended = np.zeros(2, dtype=bool)
+
+    def obs(self) -> np.ndarray:
+        return np.stack([np.full(3, t, dtype=np.float32) for t in self.t])
+
+    def reset(self, seed=None):
+        self.t[:] = 0
+        return self.obs(), {}
+
+    def step(self, actions):
+        rewards, done = np.zeros(2), np.zeros(2, dtype=bool)
+        for i in range(2):
+            if self.ended[i]:  # NEXT_STEP's auto-reset step
+                self.t[i], self.ended[i] = 0, False
+                continue
+            rewards[i] = (i + 1) * (self.t[i] + 1)
+            self.t[i] += 1
+            done[i] = self.t[i] == self.lengths[i]
+            if done[i] and self.same_step:
+                self.t[i] = 0
+            else:
+                self.ended[i] = done[i]
+        return self.obs(), rewards, done, np.zeros(2, dtype=bool), {}
+
+
+@pytest.mark.parametrize("same_step", [False, True])
+def test_rtg_bookkeeping_in_rollout(pendulum: OfflineDataModule, same_step: bool) -> None:
+    model = tiny(pendulum.spec)
+    agent = model.make_agent(2, [100.0, 50.0], next_step_autoreset=not same_step)
+    fed: list[tuple[np.ndarray, np.ndarray]] = []
+    act = agent.act
+
+    def spy(observations: np.ndarray) -> np.ndarray:
+        out = act(observations)
+        # what the model was given for the newest step: R̂_t and t
+        fed.append((agent.returns_to_go_ctx[:, -1, 0].numpy().copy(), agent.timesteps_ctx[:, -1].numpy().copy()))
+        return out
+
+    agent.act = spy
+    returns, lengths = rollout(agent, ScriptedVectorEnv(same_step), [0, 1])
+    assert lengths.tolist() == [3, 5] and returns.tolist() == [6.0, 30.0]
+    rtg = np.array([f[0] for f in fed])
+    steps = np.array([f[1] for f in fed])
+    # env 1: rewards 2, 4, 6, 8, 10
+    np.testing.assert_allclose(rtg[:, 1], [50, 48, 44, 38, 30])
+    np.testing.assert_array_equal(steps[:, 1], [0, 1, 2, 3, 4])
+    # env 0: a 3-step episode (rewards 1, 2, 3), then a new one that starts over at the full target
+    if same_step:  # the new episode's steps 0 and 1 (reward 1 in between)
+        np.testing.assert_allclose(rtg[:, 0], [100, 99, 97, 100, 99])
+        np.testing.assert_array_equal(steps[:, 0], [0, 1, 2, 0, 1])
+        assert agent.length.tolist() == [2, 0]
+    else:  # the auto-reset step (its action ignored), then the new episode's first observation
+        np.testing.assert_allclose(rtg[:, 0], [100, 99, 97, 100, 100])
+        np.testing.assert_array_equal(steps[:, 0], [0, 1, 2, 0, 0])
+        assert agent.length.tolist() == [1, 0]  # env 0: only the new episode's step; env 1: just ended
+
+
+def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "-c", "conf/dt.yaml", "--print_config"])
+    assert exit_.value.code in (0, None)
+    with pytest.raises(SystemExit):  # the parser really checks the model's arguments
+        run_cli(["fit", "-c", "conf/dt.yaml", "--model.init_args.context_length", "3", "--print_config"])
+    cli = run_cli([
+        "fit", "-c", "conf/dt.yaml", "--data.dataset_id", pendulum_id, "--data.steps_per_epoch", "2", "--data.eval_episodes", "2",
+        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+        "--model.init_args.context_len", "4", "--model.init_args.embed_dim", "16", "--model.init_args.n_layer", "1",
+    ])
+    model = cli.model
+    assert model.batch_format == {"kind": "windows", "context_len": 4}
+    metrics = cli.trainer.callback_metrics
+    assert len(model.eval_targets) == 4 and model.eval_targets[0] == pytest.approx(model.spec.ref_max_score)
+    for target in model.eval_targets:
+        assert f"eval/normalized_score/target_{target:g}" in metrics
+    assert float(metrics["eval/normalized_score"]) == float(metrics[f"eval/normalized_score/target_{model.eval_targets[0]:g}"])
+    assert (tmp_path / "dt" / "version_0" / "return_conditioning.png").stat().st_size > 0
+    # The checkpoint alone acts (the spec travels in its hyperparameters).
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    loaded = DecisionTransformer.load_from_checkpoint(ckpt).eval()
+    obs = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.make_agent(3).act(obs), model.eval().make_agent(3).act(obs), atol=1e-6)
+
+
+def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> None:
+    import lightning as L
+
+    dm = OfflineDataModule(cartpole_id, batch_size=32, steps_per_epoch=250, eval_episodes=5)
+    torch.manual_seed(0)
+    model = DecisionTransformer(dm.spec, context_len=4, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=20, eval_targets=[500.0])
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    random_return = model.spec.ref_min_score  # the random policy's mean return (about 22)
+    achieved = float(trainer.callback_metrics["eval/return"])
+    print(f"CartPole DT return {achieved:.0f}, random {random_return:.0f}")
+    assert achieved > 3 * random_return, (achieved, random_return)
