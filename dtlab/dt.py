@@ -403,7 +403,8 @@ def plot_return_conditioning(targets: Sequence[float], returns: np.ndarray, path
     lo, hi = min(t.min(), mean.min()), max(t.max(), mean.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = target")
     if spec is not None:
-        ax.axhspan(spec.return_min, spec.return_max, color="grey", alpha=0.15, label="returns in the data")
+        ax.axhspan(spec.return_min, spec.return_max, color="grey", alpha=0.15, label="returns in the data (min to max)")
+        ax.axhline(spec.return_mean, color="grey", lw=1, label="mean return in the data")
         if spec.ref_max_score is not None:
             ax.axhline(spec.ref_max_score, color="green", lw=1, ls=":", label="expert reference")
     ax.errorbar(t, mean, yerr=std, marker="o", capsize=3, label=f"achieved (mean ± std, {returns.shape[1]} episodes)")
