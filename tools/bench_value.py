@@ -21,7 +21,7 @@ slows them alike), each framework runs `--warmup` untimed updates and then `--up
   torch.autocast("cpu", bfloat16): matmuls in bfloat16 (not the default; quality not implied).
 
 Medians over rounds and the ratios are printed; with --json one line per algorithm is appended.
-The quality table of tools/results/{value,d3rlpy}/quality.jsonl is printed with `--table`.
+The quality table of tools/results/{value,bc,d3rlpy}/quality.jsonl is printed with `--table`.
 """
 
 from __future__ import annotations
@@ -175,14 +175,14 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
 
 
 def quality_table() -> None:
-    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy."""
+    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy and dtlab's BC."""
     rows: dict[tuple, dict[str, list[float]]] = {}
-    ours = REPO / "tools/results/value/quality.jsonl"
-    for line in ours.read_text().splitlines() if ours.exists() else []:
-        r = json.loads(line)
-        if "seed" in r and "eval/normalized_score" in r:
-            algo = Path(r["config"][0]).stem
-            rows.setdefault((algo, r["dataset"], r["updates"]), {}).setdefault("dtlab", []).append(r["eval/normalized_score"])
+    for ours in (REPO / "tools/results/value/quality.jsonl", REPO / "tools/results/bc/quality.jsonl"):
+        for line in ours.read_text().splitlines() if ours.exists() else []:
+            r = json.loads(line)
+            if "seed" in r and "eval/normalized_score" in r:
+                algo = Path(r["config"][0]).stem
+                rows.setdefault((algo, r["dataset"], r["updates"]), {}).setdefault("dtlab", []).append(r["eval/normalized_score"])
     theirs = REPO / "tools/results/d3rlpy/quality.jsonl"
     for line in theirs.read_text().splitlines() if theirs.exists() else []:
         r = json.loads(line)
@@ -192,9 +192,10 @@ def quality_table() -> None:
     def fmt(v: list[float] | None) -> str:
         return f"{statistics.mean(v):5.1f} ± {statistics.pstdev(v):4.1f} (n={len(v)})" if v else "-"
 
-    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22}")
+    bc = {ds: by.get("dtlab") for (algo, ds, _), by in sorted(rows.items()) if algo == "bc" and by.get("dtlab")}  # dtlab BC, per dataset
+    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC (its rows above)':26}")
     for (algo, ds, updates), by in sorted(rows.items()):
-        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22}")
+        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc.get(ds)) if algo != 'bc' else '':22}")
 
 
 def main(args: argparse.Namespace) -> None:
