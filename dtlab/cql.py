@@ -24,13 +24,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from dtlab.base import OfflineRLModule
-from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, prepare_transitions, reward_factor, soft_update
-
-Batch = dict[str, torch.Tensor]
+from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, soft_update
+from dtlab.value_based import Batch, ValueBasedModule
 
 
-class CQL(OfflineRLModule):
+class CQL(ValueBasedModule):
     """CQL(H) on SAC: tanh-Gaussian actor, batched critic ensemble, learned entropy temperature α.
 
     Args:
@@ -87,25 +85,18 @@ class CQL(OfflineRLModule):
         normalize_reward: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__(spec)
+        super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.automatic_optimization = False
-        if self.spec.discrete:
-            raise ValueError("CQL here needs a continuous action space.")
         self.actor = TanhGaussianActor(self.obs_dim, self.act_dim, actor_hidden_dims)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics, orthogonal_init=orthogonal_init)
         self.critic_target = frozen_copy(self.critic)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learn_alpha)
         self.log_alpha_prime = nn.Parameter(torch.tensor(1.0), requires_grad=lagrange)  # CORL starts log α′ at 1
         self.target_entropy = -float(self.act_dim) if target_entropy is None else target_entropy
-        self.reward_factor = reward_factor(reward_scale, normalize_reward, self.spec.return_min, self.spec.return_max, self.spec.max_episode_steps)
         if compile:
-            self.critic_loss, self.actor_loss = torch.compile(self.critic_loss), torch.compile(self.actor_loss)
+            self.compile_losses("critic_loss", "actor_loss")
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.action_scaler(self.actor.act(self.normalize(observations)))
-
-    # -- losses (inputs: prepared batches, see networks.prepare_transitions) -------------------------
+    # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
     def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """SAC's E[α log π(ã|s) − min_i Q_i(s, ã)], ã ~ π(s) reparameterised; α and the critics'
@@ -202,14 +193,6 @@ class CQL(OfflineRLModule):
         soft_update(self.critic_target, self.critic, self.hparams.tau)
         return metrics
 
-    def prepare(self, batch: Batch) -> Batch:
-        return prepare_transitions(batch, self.normalize, self.action_scaler, self.reward_factor)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
-        metrics = self.update(self.prepare(batch), self.optimizers(), self.manual_backward)
-        # Log only on the batches the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
-        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = [

@@ -21,10 +21,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dtlab.base import OfflineRLModule
-from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, prepare_transitions, reward_factor, soft_update
-
-Batch = dict[str, torch.Tensor]
+from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, soft_update
+from dtlab.value_based import Batch, ValueBasedModule
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -33,7 +31,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     return (weight * diff.pow(2)).mean()
 
 
-class IQL(OfflineRLModule):
+class IQL(ValueBasedModule):
     """Implicit Q-learning: expectile V, twin Q (target = min of a Polyak copy), AWR policy.
 
     All three losses are computed from the same parameters, then each network takes its step
@@ -83,24 +81,17 @@ class IQL(OfflineRLModule):
         normalize_reward: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__(spec)
+        super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.automatic_optimization = False
-        if self.spec.discrete:
-            raise ValueError("This IQL needs a continuous action space.")
         actor_cls = DeterministicActor if deterministic_actor else GaussianActor
         self.actor = actor_cls(self.obs_dim, self.act_dim, actor_hidden_dims, dropout=actor_dropout)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.critic_target = frozen_copy(self.critic)
         self.value = ValueNetwork(self.obs_dim, value_hidden_dims)
-        self.reward_factor = reward_factor(reward_scale, normalize_reward, self.spec.return_min, self.spec.return_max, self.spec.max_episode_steps)
         if compile:
-            self.value_loss, self.critic_loss, self.actor_loss = (torch.compile(f) for f in (self.value_loss, self.critic_loss, self.actor_loss))
+            self.compile_losses("value_loss", "critic_loss", "actor_loss")
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.action_scaler(self.actor(self.normalize(observations)))  # the mean for the Gaussian
-
-    # -- losses (inputs: prepared batches, see networks.prepare_transitions) -------------------------
+    # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
     def value_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """L_V = E[L₂^τ(min_i Q'_i(s, a) − V(s))]. Returns (loss, advantage A = Q' − V, detached)."""
@@ -148,14 +139,6 @@ class IQL(OfflineRLModule):
         soft_update(self.critic_target, self.critic, self.hparams.tau)
         return {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "advantage": advantage.mean()}
 
-    def prepare(self, batch: Batch) -> Batch:
-        return prepare_transitions(batch, self.normalize, self.action_scaler, self.reward_factor)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
-        metrics = self.update(self.prepare(batch), self.optimizers(), self.manual_backward, [self.lr_schedulers()])
-        # Log only on the batches the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
-        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
 
     def schedule_length(self) -> int:
         """Updates the actor's cosine schedule spans: lr_schedule_updates, else the whole fit."""

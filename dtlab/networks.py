@@ -54,6 +54,9 @@ class DeterministicActor(nn.Module):
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(observations))
 
+    def act(self, observations: torch.Tensor) -> torch.Tensor:
+        return self(observations)
+
 
 class GaussianActor(nn.Module):
     """N(tanh(MLP(s)), diag σ²) with a state-independent learned log σ: IQL's policy (paper, CORL, d3rlpy).
@@ -77,6 +80,10 @@ class GaussianActor(nn.Module):
         log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
         z = (actions - self(observations)) * torch.exp(-log_std)
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def act(self, observations: torch.Tensor) -> torch.Tensor:
+        """Greedy action: the mean."""
+        return self(observations)
 
 
 class TanhGaussianActor(nn.Module):
@@ -185,29 +192,3 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging θ' ← τ θ + (1 − τ) θ', one fused foreach op over all parameters."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
-
-
-# -- transition batches for TD learning ---------------------------------------------------------
-# (Plumbing rather than nn code; it lives here until OfflineRLModule grows the same helper.)
-
-
-def reward_factor(reward_scale: float, normalize_reward: bool, return_min: float, return_max: float, max_episode_steps: int) -> float:
-    """The factor rewards are multiplied by. With `normalize_reward`, CORL's locomotion rule
-    r · T_max / (max_return − min_return) (IQL paper: returns then span about 1000), times `reward_scale`."""
-    factor = reward_scale
-    if normalize_reward:
-        factor *= max_episode_steps / max(return_max - return_min, 1e-8)
-    return factor
-
-
-def prepare_transitions(batch: dict[str, torch.Tensor], normalize, action_scaler: ActionScaler, reward_factor: float) -> dict[str, torch.Tensor]:
-    """Raw dataset batch -> what the losses use: standardised observations, unit-box actions, scaled
-    rewards (and Monte-Carlo returns, scaled alike). `terminals` stays termination-only: (B,) float."""
-    out = dict(batch)
-    out["observations"] = normalize(batch["observations"])
-    out["next_observations"] = normalize(batch["next_observations"])
-    out["actions"] = action_scaler.to_unit(batch["actions"]).clamp(-1.0, 1.0)
-    out["rewards"] = batch["rewards"] * reward_factor
-    if "mc_returns" in batch:
-        out["mc_returns"] = batch["mc_returns"] * reward_factor
-    return out

@@ -16,13 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dtlab.base import OfflineRLModule
-from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, prepare_transitions, reward_factor, soft_update
-
-Batch = dict[str, torch.Tensor]
+from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, soft_update
+from dtlab.value_based import Batch, ValueBasedModule
 
 
-class TD3BC(OfflineRLModule):
+class TD3BC(ValueBasedModule):
     """TD3+BC with a deterministic tanh actor and a batched twin-critic ensemble.
 
     One training batch = one critic update; the actor and all target networks move every
@@ -64,23 +62,16 @@ class TD3BC(OfflineRLModule):
         normalize_reward: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__(spec)
+        super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.automatic_optimization = False
-        if self.spec.discrete:
-            raise ValueError("TD3+BC needs a continuous action space.")
         self.actor = DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.actor_target, self.critic_target = frozen_copy(self.actor), frozen_copy(self.critic)
-        self.reward_factor = reward_factor(reward_scale, normalize_reward, self.spec.return_min, self.spec.return_max, self.spec.max_episode_steps)
         self.num_updates = 0  # critic updates so far (checkpointed): drives the policy delay
         if compile:
-            self.critic_loss, self.actor_loss = torch.compile(self.critic_loss), torch.compile(self.actor_loss)
+            self.compile_losses("critic_loss", "actor_loss")
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.action_scaler(self.actor(self.normalize(observations)))
-
-    # -- losses (inputs: prepared batches, see networks.prepare_transitions) -------------------------
+    # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
     @torch.no_grad()
     def td_target(self, batch: Batch) -> torch.Tensor:
@@ -128,14 +119,6 @@ class TD3BC(OfflineRLModule):
             metrics |= {"actor_loss": actor_loss.detach(), "lambda": lmbda}
         return metrics
 
-    def prepare(self, batch: Batch) -> Batch:
-        return prepare_transitions(batch, self.normalize, self.action_scaler, self.reward_factor)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
-        metrics = self.update(self.prepare(batch), self.optimizers(), self.manual_backward)
-        # Log only on the batches the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
-        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [

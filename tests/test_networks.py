@@ -1,4 +1,4 @@
-"""The shared networks: batched critic ensemble, actors' log-densities, Polyak updates, batch preparation."""
+"""The shared networks: batched critic ensemble, actors' log-densities, Polyak updates."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from dtlab.networks import (
     TanhGaussianActor,
     ValueNetwork,
     frozen_copy,
-    prepare_transitions,
-    reward_factor,
     soft_update,
 )
 
@@ -122,28 +120,6 @@ def test_soft_update_is_polyak_and_frozen_copy_is_frozen() -> None:
     soft_update(target, source, 0.1)
     for old, new, src in zip(before, target.parameters(), source.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * src)
-
-
-def test_prepare_transitions_and_reward_factor() -> None:
-    scaler = ActionScaler([-2.0, 0.0], [2.0, 1.0])
-    batch = {
-        "observations": torch.tensor([[1.0, 2.0]]),
-        "next_observations": torch.tensor([[3.0, 4.0]]),
-        "actions": torch.tensor([[2.0, 0.25]]),
-        "rewards": torch.tensor([2.0]),
-        "terminals": torch.tensor([1.0]),
-        "mc_returns": torch.tensor([10.0]),
-    }
-    out = prepare_transitions(batch, lambda o: o - 1, scaler, 0.5)
-    torch.testing.assert_close(out["observations"], torch.tensor([[0.0, 1.0]]))
-    torch.testing.assert_close(out["next_observations"], torch.tensor([[2.0, 3.0]]))
-    torch.testing.assert_close(out["actions"], torch.tensor([[1.0, -0.5]]))
-    torch.testing.assert_close(out["rewards"], torch.tensor([1.0]))
-    torch.testing.assert_close(out["mc_returns"], torch.tensor([5.0]))
-    assert out["terminals"] is batch["terminals"]
-    assert reward_factor(2.0, False, -100.0, 900.0, 1000) == 2.0
-    assert math.isclose(reward_factor(2.0, True, -100.0, 900.0, 1000), 2.0)  # 1000 / (900 - -100) = 1
-    assert math.isclose(reward_factor(1.0, True, 0.0, 4000.0, 1000), 0.25)
 
 
 @pytest.mark.parametrize("n_critics", [1, 2, 5])

@@ -16,6 +16,7 @@ from dtlab.cli import run_cli
 from dtlab.cql import CQL
 from dtlab.iql import IQL, expectile_loss
 from dtlab.td3bc import TD3BC
+from dtlab.value_based import reward_factor
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["conf/td3bc.yaml", "conf/iql.yaml", "conf/cql.yaml", "conf/calql.yaml"]  # tests/test_cli.py checks every conf/
@@ -300,3 +301,40 @@ def test_smoke_fit_through_cli(algo: str, pendulum_id: str, tmp_path: Path) -> N
         torch.testing.assert_close(p, q, msg=n)
     if algo == "td3bc":
         assert restored.num_updates == steps
+
+
+# -- shared plumbing (dtlab.value_based) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [TD3BC, IQL, CQL, CalQL])
+def test_prepare_standardises_rescales_and_keeps_terminals(cls) -> None:
+    spec = toy_spec(obs_dim=2) | {"obs_mean": [1.0, 1.0], "action_low": [-2.0, 0.0], "action_high": [2.0, 1.0]}
+    model = cls(spec, reward_scale=0.5, **SMALL)
+    batch = {
+        "observations": torch.tensor([[1.0, 2.0]]),
+        "next_observations": torch.tensor([[3.0, 4.0]]),
+        "actions": torch.tensor([[2.0, 0.25]]),
+        "rewards": torch.tensor([2.0]),
+        "terminals": torch.tensor([1.0]),
+        "mc_returns": torch.tensor([10.0]),
+    }
+    out = model.prepare(batch)
+    torch.testing.assert_close(out["observations"], torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(out["next_observations"], torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(out["actions"], torch.tensor([[1.0, -0.5]]))
+    torch.testing.assert_close(out["rewards"], torch.tensor([1.0]))
+    torch.testing.assert_close(out["mc_returns"], torch.tensor([5.0]))
+    assert out["terminals"] is batch["terminals"]
+
+
+def test_reward_factor() -> None:
+    assert reward_factor(2.0, False, -100.0, 900.0, 1000) == 2.0
+    assert math.isclose(reward_factor(2.0, True, -100.0, 900.0, 1000), 2.0)  # 1000 / (900 - -100) = 1
+    assert math.isclose(reward_factor(1.0, True, 0.0, 4000.0, 1000), 0.25)
+
+
+@pytest.mark.parametrize("cls", [TD3BC, IQL, CQL, CalQL])
+def test_discrete_actions_are_refused_with_a_pointer(cls) -> None:
+    spec = toy_spec() | {"discrete": True, "action_dim": 3, "action_low": None, "action_high": None}
+    with pytest.raises(ValueError, match="continuous.*discrete actions.*BC"):
+        cls(spec)
