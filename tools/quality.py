@@ -3,8 +3,9 @@
     MINARI_DATASETS_PATH=../shared/datasets/minari \
         python tools/quality.py -c conf/bc.yaml --dataset halfcheetah/medium-v0 --seeds 0 1 2 --epochs 20
 
-Each seed is a full `dtlab fit` (in this process) whose last validation gives the score; one JSON
-line per seed and one summary line are appended to --json.
+Each seed is a full `dtlab fit` (in this process) whose last validation gives the score. With --json,
+each seed's line is appended as soon as it finishes (a long sweep that dies keeps what it measured),
+then one summary line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from dtlab.cli import run_cli
 
@@ -26,7 +28,20 @@ def train_one(config: list[str], dataset: str, seed: int, epochs: int | None, ex
     start = time.perf_counter()
     cli = run_cli(args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    return {"config": config, "dataset": dataset, "seed": seed, "updates": cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed, "seconds": round(time.perf_counter() - start, 1), **metrics}
+    trainer = cli.trainer
+    return {
+        "config": config, "dataset": dataset, "seed": seed, "extra": extra,
+        "updates": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(), "precision": str(trainer.precision), "log_dir": trainer.log_dir,
+        **metrics,
+    }
+
+
+def append_json(path: str | None, row: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -44,14 +59,12 @@ def main() -> None:
     for seed in args.seeds:
         row = train_one(args.config, args.dataset, seed, args.epochs, args.extra, args.out)
         results.append(row)
+        append_json(args.json, row)
         print(json.dumps(row), flush=True)
     scores = np.array([r["eval/normalized_score"] for r in results])
     summary = {"config": args.config, "dataset": args.dataset, "seeds": args.seeds, "updates": results[0]["updates"], "normalized_score_mean": round(float(scores.mean()), 1), "normalized_score_std": round(float(scores.std()), 1), "extra": args.extra}
     print(f"{' + '.join(args.config)} on {args.dataset}, {len(scores)} seeds, {summary['updates']} updates: normalised score {scores.mean():.1f} ± {scores.std():.1f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in [*results, summary]:
-                f.write(json.dumps(row) + "\n")
+    append_json(args.json, summary)
 
 
 if __name__ == "__main__":
