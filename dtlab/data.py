@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.sampling import Transitions
-from dtlab.trajectories import column_to_numpy, load_trajectories
+from dtlab.trajectories import load_columns
 
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
 # where Lightning's warning about __len__ with several workers does not apply.
@@ -49,7 +49,9 @@ class OfflineDataModule(L.LightningDataModule):
     """Serves a Minari dataset (converted to cached Arrow) as transition batches or DT windows.
 
     Args:
-        dataset_id: Minari id, e.g. ``halfcheetah/medium-v0`` (local through MINARI_DATASETS_PATH).
+        dataset_id: Minari id, e.g. ``halfcheetah/medium-v0`` (local through MINARI_DATASETS_PATH), or a
+            mixture of datasets of one environment joined by "+", e.g.
+            ``halfcheetah/medium-v0+halfcheetah/expert-v0`` (D4RL's medium-expert; held in memory).
         batch_size: samples per training batch (transitions, or windows for sequence models).
         steps_per_epoch: batches per training epoch; evaluation runs at epoch ends.
         eval_episodes: environment episodes per validation (split over ranks under DDP).
@@ -77,8 +79,8 @@ class OfflineDataModule(L.LightningDataModule):
     @property
     def transitions(self) -> Transitions:
         if self._transitions is None:
-            hf, spec = load_trajectories(self.dataset_id)
-            self._transitions = Transitions({c: column_to_numpy(hf, c) for c in COLUMNS}, spec, self.in_memory)
+            columns, spec = load_columns(self.dataset_id, COLUMNS)
+            self._transitions = Transitions(columns, spec, self.in_memory)
         return self._transitions
 
     @property

@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import datasets
 import gymnasium as gym
@@ -297,6 +297,69 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
             shutil.rmtree(partial, ignore_errors=True)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
     return datasets.load_from_disk(str(final)), spec
+
+
+MIX_SEPARATOR = "+"
+
+
+def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.ndarray], DatasetSpec]:
+    """Columns of one dataset (zero-copy views of its memory-mapped cache) and its spec.
+
+    A mixture `a+b+...` (e.g. ``halfcheetah/medium-v0+halfcheetah/expert-v0``, D4RL's "medium-expert")
+    concatenates the datasets' episodes in memory; they must share the environment and spaces. Each
+    part is converted and cached on its own; the spec's statistics are recomputed over the mixture.
+    """
+    ids = [part.strip() for part in dataset_id.split(MIX_SEPARATOR)]
+    if len(ids) == 1:
+        hf, spec = load_trajectories(dataset_id)
+        return {c: column_to_numpy(hf, c) for c in names}, spec
+    if len(set(ids)) != len(ids) or not all(ids):
+        raise DatasetError(f"Dataset mixture '{dataset_id}': list each dataset once, joined by '{MIX_SEPARATOR}'.")
+    parts = [load_trajectories(i) for i in ids]
+    specs = [spec for _, spec in parts]
+    _check_mixable(dataset_id, specs)
+    columns: dict[str, list[np.ndarray]] = {c: [] for c in {*names, "episode_ids", "observations", "rewards"}}
+    first_episode = 0
+    for hf, spec in parts:
+        for c in columns:
+            a = column_to_numpy(hf, c)
+            columns[c].append(a + first_episode if c == "episode_ids" else a)
+        first_episode += spec.num_episodes
+    mixed = {c: np.concatenate(v) for c, v in columns.items()}
+    returns = np.bincount(mixed["episode_ids"], weights=mixed["rewards"])
+    obs = mixed["observations"]
+    spec = dataclasses.replace(
+        specs[0],
+        dataset_id=MIX_SEPARATOR.join(ids),
+        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
+        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
+        num_episodes=len(returns),
+        num_transitions=len(obs),
+        max_episode_steps=max(s.max_episode_steps for s in specs),
+        return_min=float(returns.min()),
+        return_max=float(returns.max()),
+        return_mean=float(returns.mean()),
+        ref_min_score=next((s.ref_min_score for s in specs if s.ref_min_score is not None), None),
+        ref_max_score=next((s.ref_max_score for s in specs if s.ref_max_score is not None), None),
+        fingerprint=MIX_SEPARATOR.join(s.fingerprint for s in specs),
+    )
+    return {c: mixed[c] for c in names}, spec
+
+
+def _check_mixable(dataset_id: str, specs: list[DatasetSpec]) -> None:
+    def signature(s: DatasetSpec) -> tuple:
+        env = (s.env_spec or {}).get("id")
+        return env, s.observation_dim, s.action_dim, s.discrete, s.action_low, s.action_high, s.flatten_observations
+
+    first = specs[0]
+    for other in specs[1:]:
+        if signature(other) != signature(first):
+            raise DatasetError(
+                f"Dataset mixture '{dataset_id}': '{other.dataset_id}' (env {signature(other)[0]}, observation dim "
+                f"{other.observation_dim}, action dim {other.action_dim}) does not match '{first.dataset_id}' (env "
+                f"{signature(first)[0]}, observation dim {first.observation_dim}, action dim {first.action_dim}). "
+                "Only datasets of the same environment and spaces can be mixed."
+            )
 
 
 def column_to_numpy(hf: datasets.Dataset, name: str) -> np.ndarray:

@@ -96,3 +96,32 @@ def test_validation_batches_are_episode_seeds(datamodule):
     assert seeds.tolist() == list(range(seeds[0], seeds[0] + datamodule.eval_episodes))
     test_seeds = next(iter(datamodule.test_dataloader()))
     assert len(test_seeds) == datamodule.test_episodes and not set(seeds.tolist()) & set(test_seeds.tolist())
+
+
+def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, cartpole_id):
+    from dtlab.recording import PolicyAgent, pendulum_swingup, record_dataset
+    from dtlab.trajectories import DatasetError, dataset_dir
+
+    expert_id = "test/pendulum-expert-v0"
+    if not dataset_dir(expert_id).exists():
+        rng = np.random.default_rng(1)
+        record_dataset(expert_id, "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.0, rng)), 5, seed=100)
+    parts = [OfflineDataModule(i).transitions for i in (pendulum_id, expert_id)]
+    mixed = OfflineDataModule(f"{pendulum_id}+{expert_id}").transitions
+    spec, p0, p1 = mixed.spec, parts[0].spec, parts[1].spec
+    assert spec.dataset_id == f"{pendulum_id}+{expert_id}"
+    assert (spec.num_episodes, spec.num_transitions) == (p0.num_episodes + p1.num_episodes, p0.num_transitions + p1.num_transitions)
+    assert (spec.return_min, spec.return_max) == (min(p0.return_min, p1.return_min), max(p0.return_max, p1.return_max))
+    assert spec.ref_max_score == p0.ref_max_score  # the expert part carries no references: the first part's are kept
+    all_obs = torch.cat([p.columns["observations"] for p in parts]).double()
+    np.testing.assert_allclose(spec.obs_mean, all_obs.mean(0).numpy(), rtol=1e-6)
+    # the second part's episodes follow the first's: ids stay unique and windows never cross episodes
+    ids = mixed.columns["episode_ids"]
+    assert ids.unique().numel() == spec.num_episodes and int(ids.max()) == spec.num_episodes - 1
+    windows = mixed.sample_windows(512, 20, torch.Generator().manual_seed(0))
+    steps = windows["timesteps"][:, -1:] - windows["timesteps"]
+    real = windows["mask"].bool()
+    assert (steps[real] == (19 - torch.arange(20)).expand(512, -1)[real]).all()
+
+    with pytest.raises(DatasetError, match="does not match.*same environment"):
+        OfflineDataModule(f"{pendulum_id}+{cartpole_id}").transitions
