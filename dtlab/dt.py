@@ -7,7 +7,7 @@ a_t from the hidden state of the s_t token, so the prediction never sees a_t or 
 At evaluation the first R̂ is the return we ask for; it is decremented by every reward received.
 
     dtlab fit -c conf/dt.yaml                                   # the embedded Pendulum data
-    dtlab fit -c conf/dt.yaml --data.dataset_id halfcheetah/medium-v0 --model.init_args.eval_targets '[6000]'
+    dtlab fit -c conf/dt.yaml -c conf/halfcheetah/dt.yaml       # HalfCheetah medium, the paper's recipe
 """
 
 from __future__ import annotations

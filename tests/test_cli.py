@@ -14,13 +14,17 @@ import pytest
 from dtlab.base import load_checkpoint
 from dtlab.cli import run_cli
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "conf").rglob("*.yaml"))
+CONF = Path(__file__).parents[1] / "conf"
+# conf/<algo>.yaml stands alone; conf/<task>/<algo>.yaml is composed over conf/<algo>.yaml.
+CONFIGS = sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_validates(config, capsys):
+    path = CONF / config
+    layers = [path] if path.parent == CONF else [CONF / path.name, path]
     with pytest.raises(SystemExit) as info:
-        run_cli(["fit", "-c", config, "--print_config"])
+        run_cli(["fit", *(arg for layer in layers for arg in ("-c", str(layer))), "--print_config"])
     assert info.value.code == 0
     assert "class_path" in capsys.readouterr().out
 
