@@ -59,6 +59,11 @@ class DecisionTransformer(OfflineRLModule):
             between cache_keep+1 and K steps. None: K // 2 (about 6 tokens per step on average). K - 1 is the
             paper's sliding window (every step re-encodes K - 1 steps: exact but no faster than no cache).
         max_ep_len: size of the timestep embedding (timesteps beyond are clipped). None: the data's longest episode.
+        embedding_init: initialisation of the return/state/action embeddings and the action head. "torch":
+            PyTorch's layer defaults, as in the authors' code and d3rlpy (the random biases keep a return's
+            magnitude visible after embed_ln, which is scale-invariant); "gpt2": transformers' N(0, 0.02)
+            with zero biases. The timestep embedding is N(0, 0.02) either way (as d3rlpy). HalfCheetah
+            full-replay, seed 1, 3k updates: 74.6 with "torch", 59.3 with "gpt2" (tools/results/dt/).
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class DecisionTransformer(OfflineRLModule):
         eval_targets: Sequence[float] | None = None,
         cache_keep: int | None = None,
         max_ep_len: int | None = None,
+        embedding_init: str = "torch",
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
@@ -112,6 +118,16 @@ class DecisionTransformer(OfflineRLModule):
         # does not wait for their gradients and AdamW leaves them alone.
         for unused in (self.model.encoder.wte, self.model.predict_state, self.model.predict_return):
             unused.requires_grad_(False)
+        self.init_embeddings(embedding_init)
+
+    def init_embeddings(self, scheme: str) -> None:
+        """Re-initialise the DT layers that transformers' post_init set to N(0, 0.02) (see embedding_init)."""
+        if scheme not in ("torch", "gpt2"):
+            raise ValueError(f"embedding_init must be 'torch' or 'gpt2', got {scheme!r}.")
+        if scheme == "torch":
+            m = self.model
+            for layer in (m.embed_return, m.embed_state, m.embed_action, m.predict_action[0]):
+                layer.reset_parameters()
 
     # -- the sequence model ------------------------------------------------------------------------
 

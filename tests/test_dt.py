@@ -75,6 +75,18 @@ def test_forward_is_transformers_decision_transformer(pendulum: OfflineDataModul
     torch.testing.assert_close(predict(model, b), model.action_scaler(hf).detach())
 
 
+def test_embedding_init_schemes(pendulum: OfflineDataModule) -> None:
+    """"torch" re-draws the DT layers transformers initialises to N(0, 0.02) with zero bias; "gpt2" keeps them."""
+    gpt2, torch_init = (tiny(pendulum.spec, embedding_init=s).model for s in ("gpt2", "torch"))
+    assert (gpt2.embed_return.bias == 0).all() and gpt2.embed_return.weight.std() < 0.05
+    assert (torch_init.embed_return.bias != 0).all() and torch_init.embed_return.weight.std() > 0.3  # U(-1, 1): fan-in 1
+    assert (torch_init.predict_action[0].bias != 0).all()
+    assert torch_init.embed_timestep.weight.std() < 0.05
+    torch.testing.assert_close(torch_init.encoder.h[0].mlp.c_fc.weight, gpt2.encoder.h[0].mlp.c_fc.weight)  # GPT-2 untouched
+    with pytest.raises(ValueError, match="embedding_init"):
+        tiny(pendulum.spec, embedding_init="xavier")
+
+
 def test_only_used_parameters_train(pendulum: OfflineDataModule) -> None:
     model = tiny(pendulum.spec).train()
     model.dt_loss(windows(pendulum)).backward()
