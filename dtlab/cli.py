@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dtlab.base import OfflineRLModule
 from dtlab.data import OfflineDataModule
+
+# Lightning 2.6 on torch 2.13 warns once per fit about its own use of a deprecated torch API: noise to users.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class DTLabCLI(LightningCLI):
