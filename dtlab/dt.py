@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class DecisionTransformer(OfflineRLModule):
         eval_targets: Sequence[float] | None = None,
         cache_keep: int | None = None,
         max_ep_len: int | None = None,
-        embedding_init: str = "torch",
+        embedding_init: Literal["torch", "gpt2"] = "torch",
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
