@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,18 +89,26 @@ class GaussianActor(nn.Module):
 class TanhGaussianActor(nn.Module):
     """a = tanh(u), u ~ N(μ(s), σ(s)²): SAC's / CQL's policy, reparameterised, with the tanh log-det.
 
-    One MLP outputs (μ, log σ); log σ is offset by `log_std_offset` (CORL: -1, initial σ ≈ 0.37) and
-    clamped. The last layer starts small (CORL), so the initial policy is centred with that σ. (CORL
-    also learns a scalar multiplier and offset of log σ; both are redundant with the last layer's
-    weights and bias, so they are fixed here.)
+    One MLP outputs (μ, log σ), log σ clamped to [log_std_min, log_std_max]. Two initialisations:
+
+    * "torch": PyTorch's layer defaults (as d3rlpy): the initial policy is a random function of s
+      with σ ≈ 1.
+    * "corl": CORL's CQL: the last layer starts small (xavier, gain 1e-2, zero bias) and log σ is
+      offset by −1, so the initial policy is centred, σ ≈ 0.37, whatever s. (CORL also learns a scalar
+      multiplier and offset of log σ; both are redundant with the last layer's weights and bias.)
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), log_std_min: float = -20.0, log_std_max: float = 2.0, log_std_offset: float = -1.0) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), log_std_min: float = -20.0, log_std_max: float = 2.0, init: Literal["torch", "corl"] = "torch") -> None:
         super().__init__()
+        if init not in ("torch", "corl"):
+            raise ValueError(f"TanhGaussianActor init must be 'torch' or 'corl', got {init!r}")
         self.net = mlp(obs_dim, 2 * act_dim, hidden_dims)
-        nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
-        nn.init.zeros_(self.net[-1].bias)
-        self.log_std_min, self.log_std_max, self.log_std_offset = log_std_min, log_std_max, log_std_offset
+        self.log_std_offset = 0.0
+        if init == "corl":
+            nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
+            nn.init.zeros_(self.net[-1].bias)
+            self.log_std_offset = -1.0
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def distribution(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(observations).chunk(2, dim=-1)

@@ -71,7 +71,7 @@ def test_critic_ensemble_orthogonal_init() -> None:
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions() -> None:
     torch.manual_seed(0)
-    actor = TanhGaussianActor(3, 2, (16,))
+    actor = TanhGaussianActor(3, 2, (16,), init="corl")  # zero bias, σ offset: actions off the box edge
     torch.nn.init.normal_(actor.net[-1].weight, std=0.5)  # a non-trivial mean and std
     obs = torch.randn(64, 3)
     actions, log_prob = actor(obs)
@@ -87,6 +87,17 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions() -> None:
     # reparameterised: gradients reach the network
     log_prob.mean().backward()
     assert actor.net[0].weight.grad.abs().sum() > 0
+
+
+def test_tanh_gaussian_init_schemes() -> None:
+    torch.manual_seed(0)
+    obs = torch.randn(512, 3)
+    mean, log_std = TanhGaussianActor(3, 2, (16,), init="corl").distribution(obs)
+    assert mean.abs().max() < 0.05 and (log_std + 1).abs().max() < 0.05  # centred, σ ≈ e^-1 at every state
+    mean, log_std = TanhGaussianActor(3, 2, (16,), init="torch").distribution(obs)
+    assert mean.std(0).min() > 0.05 and log_std.mean().abs() < 0.5  # a random function of s, σ ≈ 1
+    with pytest.raises(ValueError, match="'torch' or 'corl'"):
+        TanhGaussianActor(3, 2, init="xavier")  # type: ignore[arg-type]
 
 
 def test_gaussian_actor_log_prob_and_mean() -> None:

@@ -242,6 +242,18 @@ def test_td_target_bootstraps_unless_terminal(name: str) -> None:
     torch.testing.assert_close(model.td_target(batch), torch.tensor([1.0, 1.0 + 0.9 * 5, -2.0, 0.9 * 5]))
 
 
+def test_cql_target_action_sample_or_mean() -> None:
+    torch.manual_seed(0)
+    batch = toy_batch(16)
+    sampled = CQL(toy_spec(), target_action="sample", **SMALL)
+    assert not torch.allclose(sampled.td_target(batch), sampled.td_target(batch))  # a fresh a' ~ π(s') each time
+    mean = CQL(toy_spec(), **SMALL)  # the default
+    mean.load_state_dict(sampled.state_dict())
+    next_q = mean.critic_target(batch["next_observations"], mean.actor.act(batch["next_observations"])).min(0).values
+    expected = batch["rewards"] + 0.99 * (1 - batch["terminals"]) * next_q
+    torch.testing.assert_close(mean.td_target(batch), expected)
+
+
 def test_sampled_terminals_are_terminations_only(pendulum_id: str) -> None:
     """Pendulum episodes end by truncation only: every episode has a timeout, no transition is terminal."""
     from dtlab.data import OfflineDataModule
