@@ -201,7 +201,6 @@ class CQL(ValueBasedModule):
         soft_update(self.critic_target, self.critic, self.hparams.tau)
         return metrics
 
-
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = [
             torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
