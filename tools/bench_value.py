@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads for every framework")
     p.add_argument("--compile", action="store_true", help="also time model.compile=true (lightning and plain)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (lightning precision=bf16-mixed, plain autocast)")
+    p.add_argument("--flops", action="store_true", help="also count the FLOPs of one update and time a matmul of the critics' hidden shape, to print the fraction of the matmul rate each framework reaches")
     p.add_argument("--no-d3rlpy", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per algorithm")
     p.add_argument("--table", action="store_true", help="print the quality table from the JSON lines and exit")
@@ -65,8 +66,6 @@ if ARGS is not None:  # size the thread pools before torch is imported
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-
-D3RLPY_NAME = {"td3bc": "td3bc", "iql": "iql", "cql": "cql", "calql": None}  # d3rlpy has no Cal-QL
 
 
 def model_class_and_args(algo: str, **overrides) -> tuple[type, dict]:
@@ -125,11 +124,40 @@ def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = 
     return updates / (time.perf_counter() - start)
 
 
+def flops_per_update(algo: str, dataset: str) -> float:
+    """FLOPs of one dtlab update (forward, backward; matmuls, as torch's FlopCounterMode counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dtlab.data import OfflineDataModule
+
+    cls, init_args = model_class_and_args(algo)
+    data = OfflineDataModule(dataset, batch_size=256)
+    model = cls(spec=data.spec, **init_args)
+    out = model.configure_optimizers()
+    optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
+    batch = model.prepare(data.transitions.sample_transitions(256, torch.Generator().manual_seed(0), model.batch_format.get("mc_return_gamma")))
+    with FlopCounterMode(display=False) as counter:
+        model.update(batch, optimizers, torch.Tensor.backward, schedulers)
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(rows: int = 7680, width: int = 256, n: int = 2, repeats: int = 20) -> float:
+    """A reference rate: torch.bmm of n (rows x width) @ (width x width) in float32, as the critics' hidden layers run (median of 5)."""
+    a, b = torch.randn(n, rows, width), torch.randn(n, width, width)
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.bmm(a, b)
+        rates.append(repeats * 2 * n * rows * width * width / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def time_d3rlpy(algo: str, dataset: str, warmup: int, updates: int, threads: int) -> float:
     root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speed.jsonl"
-        cmd = [str(D3RLPY_PYTHON), str(REPO / "tools/d3rlpy_baseline.py"), "--dataset-dir", str(root / dataset), "--algo", D3RLPY_NAME[algo],
+        cmd = [str(D3RLPY_PYTHON), str(REPO / "tools/d3rlpy_baseline.py"), "--dataset-dir", str(root / dataset), "--algo", algo,
                "--mode", "speed", "--updates", str(updates), "--warmup", str(warmup), "--chunks", "1", "--threads", str(threads), "--json", str(out)]
         subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text().splitlines()[-1])["updates_per_s_overall"]
@@ -142,7 +170,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         "lightning": lambda: time_lightning(algo, args.dataset, warmup, updates),
         "plain": lambda: time_plain(algo, args.dataset, warmup, updates),
     }
-    if not args.no_d3rlpy and D3RLPY_NAME[algo]:
+    if not args.no_d3rlpy:
         runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
     if args.compile:
         runners["lightning_compiled"] = lambda: time_lightning(algo, args.dataset, max(warmup, 10), updates, compile=True)
@@ -164,6 +192,11 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
     if args.compile:
         ratios["compiled_vs_eager_lightning"] = median["lightning_compiled"] / median["lightning"]
         ratios["compiled_vs_eager_plain"] = median["plain_compiled"] / median["plain"]
+    if args.flops:
+        flops, peak = flops_per_update(algo, args.dataset), matmul_flops_per_s()
+        ratios["gflop_per_update"] = flops / 1e9
+        ratios["matmul_gflop_per_s"] = peak / 1e9
+        ratios["fraction_of_matmul_rate"] = {name: m * flops / peak for name, m in median.items()}
     if args.bf16:
         ratios["bf16_vs_fp32_lightning"] = median["lightning_bf16"] / median["lightning"]
         if "d3rlpy" in median:
@@ -175,13 +208,14 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
 
 
 def quality_table() -> None:
-    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy and dtlab's BC."""
+    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy and dtlab's BC at the same budget."""
     rows: dict[tuple, dict[str, list[float]]] = {}
-    for ours in (REPO / "tools/results/value/quality.jsonl", REPO / "tools/results/bc/quality.jsonl"):
-        for line in ours.read_text().splitlines() if ours.exists() else []:
+    for ours in ("value", "bc", "dt"):  # dt/quality.jsonl: DT's own rows are in its table (tools/bench_dt.py); BC's at 3k are read here
+        path = REPO / f"tools/results/{ours}/quality.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
             r = json.loads(line)
-            if "seed" in r and "eval/normalized_score" in r:
-                algo = Path(r["config"][0]).stem
+            algo = Path(r["config"][0]).stem
+            if "seed" in r and "eval/normalized_score" in r and (ours != "dt" or algo == "bc"):
                 rows.setdefault((algo, r["dataset"], r["updates"]), {}).setdefault("dtlab", []).append(r["eval/normalized_score"])
     theirs = REPO / "tools/results/d3rlpy/quality.jsonl"
     for line in theirs.read_text().splitlines() if theirs.exists() else []:
@@ -192,10 +226,10 @@ def quality_table() -> None:
     def fmt(v: list[float] | None) -> str:
         return f"{statistics.mean(v):5.1f} ± {statistics.pstdev(v):4.1f} (n={len(v)})" if v else "-"
 
-    bc = {ds: by.get("dtlab") for (algo, ds, _), by in sorted(rows.items()) if algo == "bc" and by.get("dtlab")}  # dtlab BC, per dataset
-    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC (its rows above)':26}")
+    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC, same budget':22}")
     for (algo, ds, updates), by in sorted(rows.items()):
-        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc.get(ds)) if algo != 'bc' else '':22}")
+        bc = rows.get(("bc", ds, updates), {}).get("dtlab") if algo != "bc" else None
+        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc) if algo != 'bc' else '':22}")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -214,6 +248,10 @@ def main(args: argparse.Namespace) -> None:
               f"lightning/plain {r['lightning_vs_plain']:.2f}x ({r['lightning_ms_per_update_overhead']:+.2f} ms/update)"
               + (f", compiled/eager lightning {r['compiled_vs_eager_lightning']:.2f}x plain {r['compiled_vs_eager_plain']:.2f}x" if args.compile else "")
               + (f", bf16/fp32 lightning {r['bf16_vs_fp32_lightning']:.2f}x" if args.bf16 else ""), flush=True)
+        if args.flops:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in r["fraction_of_matmul_rate"].items())
+            print(f"  {r['gflop_per_update']:.2f} GFLOP/update (dtlab's count); a {r['matmul_gflop_per_s']:.0f} GFLOP/s float32 bmm of the critics' "
+                  f"hidden shape; each framework's updates/s x GFLOP/update as a share of it: {shares}", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             with args.json.open("a") as f:

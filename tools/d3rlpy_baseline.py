@@ -1,6 +1,6 @@
 """d3rlpy 2.8.1 baseline for dtlab benchmarks: training speed and policy quality.
 
-Trains one d3rlpy algorithm (BC, TD3+BC, IQL, CQL or Decision Transformer) on a
+Trains one d3rlpy algorithm (BC, TD3+BC, IQL, CQL, Cal-QL or Decision Transformer) on a
 Minari dataset folder, read directly with h5py, with network sizes and
 hyperparameters matched to dtlab/CORL defaults, and then either
 
@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ALGOS = ("bc", "td3bc", "iql", "cql", "dt")
+ALGOS = ("bc", "td3bc", "iql", "cql", "calql", "dt")
 
 # Hyperparameters per algorithm (CORL defaults for HalfCheetah, as used by dtlab).
 # Everything not listed is d3rlpy's default for that config class.
@@ -76,6 +76,12 @@ HPARAMS: dict[str, dict] = {
             "actor_lr": 3e-5, "critic_lr": 3e-4, "temp_lr": 3e-5, "alpha_lr": 0.0,
             "initial_alpha": 1.0, "conservative_weight": 10.0, "n_action_samples": 10,
             "batch_size": 256, "tau": 0.005, "gamma": 0.99, "observation_scaler": "standard"},
+    # Cal-QL: d3rlpy's CalQL is its CQL with the policy-action values bounded below by the
+    # discounted Monte-Carlo return (gamma) of each sampled transition; CQL's settings, as dtlab's conf/calql.yaml.
+    "calql": {"actor_hidden": [256, 256, 256], "critic_hidden": [256, 256, 256],
+              "actor_lr": 3e-5, "critic_lr": 3e-4, "temp_lr": 3e-5, "alpha_lr": 0.0,
+              "initial_alpha": 1.0, "conservative_weight": 10.0, "n_action_samples": 10,
+              "batch_size": 256, "tau": 0.005, "gamma": 0.99, "observation_scaler": "standard"},
     # Decision Transformer (d3rlpy's own D4RL reproduction settings = CORL architecture).
     "dt": {"embed_dim": 128, "num_layers": 3, "num_heads": 1, "dropout": 0.1, "lr": 1e-4,
            "batch_size": 64, "warmup_steps": 10000, "weight_decay": 1e-4, "clip_grad_norm": 0.25,
@@ -97,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default: 256 for BC/TD3+BC/IQL/CQL, 64 for DT")
+                   help="default: 256 for BC/TD3+BC/IQL/CQL/Cal-QL, 64 for DT")
     p.add_argument("--context", type=int, default=20, help="DT context length")
     p.add_argument("--target-return", type=float, default=HPARAMS["dt"]["target_return"],
                    help="DT evaluation target return (6000 for HalfCheetah)")
@@ -197,8 +203,9 @@ def make_algo(algo: str, args: argparse.Namespace):
             actor_encoder_factory=enc(hp["actor_hidden"]),
             critic_encoder_factory=enc(hp["critic_hidden"]),
             value_encoder_factory=enc(hp["value_hidden"]), observation_scaler=scaler)
-    elif algo == "cql":
-        config = d3rlpy.algos.CQLConfig(
+    elif algo in ("cql", "calql"):
+        config_class = d3rlpy.algos.CQLConfig if algo == "cql" else d3rlpy.algos.CalQLConfig
+        config = config_class(
             batch_size=args.batch_size, actor_learning_rate=hp["actor_lr"],
             critic_learning_rate=hp["critic_lr"], temp_learning_rate=hp["temp_lr"],
             alpha_learning_rate=hp["alpha_lr"], initial_alpha=hp["initial_alpha"],
