@@ -100,7 +100,8 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
     return updates / (timer.stop - timer.start)
 
 
-def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = False, **overrides) -> float:
+def plain_setup(algo: str, dataset: str, **overrides) -> tuple:
+    """The model of conf/<algo>.yaml, its optimisers and schedulers, and a sampler of prepared batches of 256."""
     from dtlab.data import OfflineDataModule
 
     cls, init_args = model_class_and_args(algo, **overrides)
@@ -110,11 +111,16 @@ def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = 
     optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
     gamma = model.batch_format.get("mc_return_gamma")
     transitions, generator = data.transitions, torch.Generator().manual_seed(0)
+    return model, optimizers, schedulers, lambda: model.prepare(transitions.sample_transitions(256, generator, gamma))
+
+
+def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = False, **overrides) -> float:
+    model, optimizers, schedulers, sample = plain_setup(algo, dataset, **overrides)
 
     def step() -> None:
-        batch = transitions.sample_transitions(256, generator, gamma)
+        batch = sample()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model.update(model.prepare(batch), optimizers, torch.Tensor.backward, schedulers)
+            model.update(batch, optimizers, torch.Tensor.backward, schedulers)
 
     for _ in range(warmup):
         step()
@@ -128,14 +134,8 @@ def flops_per_update(algo: str, dataset: str) -> float:
     """FLOPs of one dtlab update (forward, backward; matmuls, as torch's FlopCounterMode counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dtlab.data import OfflineDataModule
-
-    cls, init_args = model_class_and_args(algo)
-    data = OfflineDataModule(dataset, batch_size=256)
-    model = cls(spec=data.spec, **init_args)
-    out = model.configure_optimizers()
-    optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
-    batch = model.prepare(data.transitions.sample_transitions(256, torch.Generator().manual_seed(0), model.batch_format.get("mc_return_gamma")))
+    model, optimizers, schedulers, sample = plain_setup(algo, dataset)
+    batch = sample()
     with FlopCounterMode(display=False) as counter:
         model.update(batch, optimizers, torch.Tensor.backward, schedulers)
     return float(counter.get_total_flops())

@@ -76,18 +76,15 @@ HPARAMS: dict[str, dict] = {
             "actor_lr": 3e-5, "critic_lr": 3e-4, "temp_lr": 3e-5, "alpha_lr": 0.0,
             "initial_alpha": 1.0, "conservative_weight": 10.0, "n_action_samples": 10,
             "batch_size": 256, "tau": 0.005, "gamma": 0.99, "observation_scaler": "standard"},
-    # Cal-QL: d3rlpy's CalQL is its CQL with the policy-action values bounded below by the
-    # discounted Monte-Carlo return (gamma) of each sampled transition; CQL's settings, as dtlab's conf/calql.yaml.
-    "calql": {"actor_hidden": [256, 256, 256], "critic_hidden": [256, 256, 256],
-              "actor_lr": 3e-5, "critic_lr": 3e-4, "temp_lr": 3e-5, "alpha_lr": 0.0,
-              "initial_alpha": 1.0, "conservative_weight": 10.0, "n_action_samples": 10,
-              "batch_size": 256, "tau": 0.005, "gamma": 0.99, "observation_scaler": "standard"},
     # Decision Transformer (d3rlpy's own D4RL reproduction settings = CORL architecture).
     "dt": {"embed_dim": 128, "num_layers": 3, "num_heads": 1, "dropout": 0.1, "lr": 1e-4,
            "batch_size": 64, "warmup_steps": 10000, "weight_decay": 1e-4, "clip_grad_norm": 0.25,
            "reward_scale": 0.001, "max_timestep": 1000, "target_return": 6000.0,
            "observation_scaler": "standard"},
 }
+# Cal-QL: d3rlpy's CalQL is its CQL with the policy-action values bounded below by the discounted
+# Monte-Carlo return (gamma) of each sampled transition; CQL's settings, as dtlab's conf/calql.yaml.
+HPARAMS["calql"] = dict(HPARAMS["cql"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
