@@ -208,7 +208,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
 
 
 def quality_table() -> None:
-    """Mean ± std normalised score per (algorithm, dataset, budget): dtlab beside d3rlpy and dtlab's BC at the same budget."""
+    """Mean ± std normalised score per (algorithm[@precision], dataset, budget): dtlab beside d3rlpy and dtlab's BC at the same budget."""
     rows: dict[tuple, dict[str, list[float]]] = {}
     for ours in ("value", "bc", "dt"):  # dt/quality.jsonl: DT's own rows are in its table (tools/bench_dt.py); BC's at 3k are read here
         path = REPO / f"tools/results/{ours}/quality.jsonl"
@@ -216,6 +216,8 @@ def quality_table() -> None:
             r = json.loads(line)
             algo = Path(r["config"][0]).stem
             if "seed" in r and "eval/normalized_score" in r and (ours != "dt" or algo == "bc"):
+                if r.get("precision", "32-true") != "32-true":  # e.g. bf16-mixed runs: their own row
+                    algo = f"{algo}@{r['precision']}"
                 rows.setdefault((algo, r["dataset"], r["updates"]), {}).setdefault("dtlab", []).append(r["eval/normalized_score"])
     theirs = REPO / "tools/results/d3rlpy/quality.jsonl"
     for line in theirs.read_text().splitlines() if theirs.exists() else []:
@@ -226,10 +228,10 @@ def quality_table() -> None:
     def fmt(v: list[float] | None) -> str:
         return f"{statistics.mean(v):5.1f} ± {statistics.pstdev(v):4.1f} (n={len(v)})" if v else "-"
 
-    print(f"{'algo':7} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC, same budget':22}")
+    print(f"{'algo':16} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC, same budget':22}")
     for (algo, ds, updates), by in sorted(rows.items()):
         bc = rows.get(("bc", ds, updates), {}).get("dtlab") if algo != "bc" else None
-        print(f"{algo:7} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc) if algo != 'bc' else '':22}")
+        print(f"{algo:16} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc) if algo != 'bc' else '':22}")
 
 
 def main(args: argparse.Namespace) -> None:
