@@ -230,7 +230,7 @@ def quality_table() -> None:
 
     print(f"{'algo':16} {'dataset':28} {'updates':>7}  {'dtlab':22} {'d3rlpy':22} {'dtlab BC, same budget':22}")
     for (algo, ds, updates), by in sorted(rows.items()):
-        bc = rows.get(("bc", ds, updates), {}).get("dtlab") if algo != "bc" else None
+        bc = rows.get(("bc", ds, updates), {}).get("dtlab")
         print(f"{algo:16} {ds:28} {updates:7d}  {fmt(by.get('dtlab')):22} {fmt(by.get('d3rlpy')):22} {fmt(bc) if algo != 'bc' else '':22}")
 
 
