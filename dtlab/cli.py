@@ -1,28 +1,55 @@
 """`dtlab` command line: a LightningCLI over every algorithm and the one DataModule.
 
-    dtlab fit -c conf/bc.yaml --data.dataset_id halfcheetah/medium-v0
-    dtlab validate -c conf/bc.yaml --ckpt_path runs/bc/.../last.ckpt
+    dtlab fit -c conf/iql.yaml --data.dataset_id halfcheetah/medium-v0
+    dtlab fit -c conf/iql.yaml --ckpt_path last          # resume the newest run of this config
+
+`conf/base.yaml` (trainer, loggers, checkpointing, evaluation, data) is read first; each
+`conf/<algo>.yaml` holds only what differs from it and from the algorithm's signature defaults.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dtlab.base import OfflineRLModule
-from dtlab.data import OfflineDataModule
+from dtlab.algos import ALGORITHMS, OfflineRLModule
+from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume
+from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint
+from dtlab.data.module import OfflineDataModule
+from dtlab.spec import DatasetError
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "base.yaml"
 
 # Lightning 2.6 on torch 2.13 warns once per fit about its own use of a deprecated torch API: noise to users.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# dtlab's batch stream is indexed by the update, so a checkpoint saved mid-epoch resumes exactly.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 class DTLabCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Evaluation is a callback of `fit` (and `tools/evaluate.py` for a checkpoint): Lightning's
+        # validate/test/predict loops have nothing to run here, so they are not offered.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Dimensions, normalisation and references come from the data, never from the config.
         parser.link_arguments("data.spec", "model.init_args.spec", apply_on="instantiate")
+        parser.add_lightning_class_args(EnvEvaluation, "evaluation")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--runs_dir", type=str | None, default=None,
+            help="Folder for this run's logs and checkpoints, in place of 'runs' in every logger's save_dir "
+            "(runs/<algorithm>/version_N, runs/tensorboard/...).",
+        )
         parser.add_argument(
             "--torch_threads", type=int, default=1,
             help="CPU threads per process for torch ops. RL networks are small: one thread is fastest and "
@@ -30,17 +57,40 @@ class DTLabCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self.config[self.subcommand]
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
+        class_name = config.model.class_path.rsplit(".", 1)[-1]
+        algorithm = ALGORITHMS[class_name].run_name if class_name in ALGORITHMS else class_name.lower()
+        loggers = [lg for lg in config.trainer.logger if hasattr(lg, "init_args")] if isinstance(config.trainer.logger, list) else []
+        for logger in loggers:
+            if "name" in logger.init_args and logger.init_args.name is None:
+                logger.init_args.name = algorithm  # runs/<algorithm>/version_N
+            save_dir = Path(logger.init_args.get("save_dir") or "")
+            if config.runs_dir is not None and save_dir.parts[:1] == ("runs",):
+                logger.init_args.save_dir = str(Path(config.runs_dir, *save_dir.parts[1:]))
+        if config.ckpt_path == "last":
+            config.ckpt_path = self.resume_last(loggers)
 
-
-def default_loggers() -> list[dict]:
-    """metrics.csv always; TensorBoard event files too when tensorboard is installed."""
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}]
-    if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "tensorboard"}})
-    return loggers
+    @staticmethod
+    def resume_last(loggers: list[Any]) -> str:
+        """`--ckpt_path last`: the newest complete last.ckpt of this run name; its loggers continue its version."""
+        if not loggers:
+            raise CheckpointError("--ckpt_path last needs a logger (the run folder to resume); give the checkpoint file instead.")
+        first = loggers[0].init_args
+        run_dir = Path(first.save_dir) / first.name
+        found = newest_complete_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(
+                f"--ckpt_path last: no complete checkpoint under {run_dir}/version_*/checkpoints/last.ckpt. "
+                "Start without --ckpt_path, or pass a checkpoint file."
+            )
+        ckpt, version_dir = found
+        version = int(version_dir.name.removeprefix("version_"))
+        for logger in loggers:
+            if "version" in logger.init_args:
+                logger.init_args.version = version
+        return str(ckpt)
 
 
 def run_cli(args: list[str] | None = None) -> DTLabCLI:
@@ -50,11 +100,28 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
         OfflineDataModule,
         subclass_mode_model=True,
         args=args,
+        auto_configure_optimizers=False,  # each algorithm builds its own optimisers (several, with schedules)
+        parser_kwargs={"fit": {"default_config_files": [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []}},
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"num_sanity_val_steps": 0, "logger": default_loggers()},
+        trainer_defaults={
+            "num_sanity_val_steps": 0,
+            "plugins": [{"class_path": "dtlab.checkpoints.AtomicCheckpointIO"}],
+            # Always on, whatever the config: the guard, exact resume, and last.ckpt at every epoch end
+            # (`checkpoint` in conf/base.yaml keeps the best by eval/return beside it).
+            "callbacks": [DivergenceGuard(), ExactResume(), ModelCheckpoint(filename="last", enable_version_counter=False, save_on_train_epoch_end=True)],
+        },
     )
 
 
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError)
+
+
 def main() -> None:
-    """Console entry point `dtlab`."""
-    run_cli()
+    """Console entry point `dtlab`: errors the user can fix print as one message (DTLAB_DEBUG=1 for the traceback)."""
+    try:
+        run_cli()
+    except USER_ERRORS as err:
+        if os.environ.get("DTLAB_DEBUG"):
+            raise
+        print(f"dtlab: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -40,22 +40,46 @@ class ActionScaler(nn.Module):
 
 
 # -- actors -------------------------------------------------------------------------------------
-# Every actor works in the unit action box (-1, 1)^A: critics and losses see unit actions, and the
-# model's ActionScaler (a buffer of OfflineRLModule) maps them to the environment's box when acting.
+# Every continuous actor works in the unit action box (-1, 1)^A on standardised observations: critics
+# and losses see unit actions, and the Policy (dtlab.policy) maps raw observations in and unit actions
+# out to the environment's box. Each has `act(observations, deterministic)`: the greedy action, or an
+# exploratory one (for online fine-tuning and data collection).
 
 
 class DeterministicActor(nn.Module):
-    """a = tanh(MLP(s)): TD3's actor (and IQL's deterministic variant)."""
+    """a = tanh(MLP(s)): TD3's actor (and BC's, IQL's deterministic variant). Exploration adds Gaussian
+    noise of std `exploration_noise` (TD3: 0.1 of the half-range) and clips to the box."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0, exploration_noise: float = 0.1) -> None:
         super().__init__()
         self.net = mlp(obs_dim, act_dim, hidden_dims, dropout=dropout)
+        self.exploration_noise = exploration_noise
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(observations))
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        return self(observations)
+    def act(self, observations: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        action = self(observations)
+        if deterministic:
+            return action
+        return (action + self.exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+
+
+class CategoricalActor(nn.Module):
+    """Logits MLP(s) over discrete actions: BC's discrete policy. Acts by argmax, or samples."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, hidden_dims, dropout=dropout)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations)
+
+    def act(self, observations: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        logits = self(observations)
+        if deterministic:
+            return logits.argmax(-1)
+        return torch.distributions.Categorical(logits=logits).sample()
 
 
 class GaussianActor(nn.Module):
@@ -81,9 +105,13 @@ class GaussianActor(nn.Module):
         z = (actions - self(observations)) * torch.exp(-log_std)
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        """Greedy action: the mean."""
-        return self(observations)
+    def act(self, observations: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """The mean, or a sample of N(mean, σ²) clipped to the box."""
+        mean = self(observations)
+        if deterministic:
+            return mean
+        std = self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
+        return (mean + std * torch.randn_like(mean)).clamp(-1.0, 1.0)
 
 
 class TanhGaussianActor(nn.Module):
@@ -126,9 +154,11 @@ class TanhGaussianActor(nn.Module):
         log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         return torch.tanh(u), log_prob
 
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        """Greedy action tanh(μ(s))."""
-        return torch.tanh(self.distribution(observations)[0])
+    def act(self, observations: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        """tanh(μ(s)), or a sample tanh(u), u ~ N(μ(s), σ(s)²)."""
+        if deterministic:
+            return torch.tanh(self.distribution(observations)[0])
+        return self(observations)[0]
 
 
 # -- value functions ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest
 import torch
 
-from dtlab.recording import PolicyAgent, cartpole_balance, pendulum_swingup, record_dataset
+from dtlab.data.recording import PolicyAgent, cartpole_balance, pendulum_swingup, record_dataset
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def isolated_data(data_root: dict[str, str], monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _record_once(dataset_id: str, make) -> str:
-    from dtlab.trajectories import dataset_dir
+    from dtlab.data.convert import dataset_dir
 
     if not dataset_dir(dataset_id).exists():
         make(dataset_id)

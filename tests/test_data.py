@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from dtlab.data import OfflineDataModule
-from dtlab.sampling import PAD_ACTION
+from dtlab.data.module import OfflineDataModule
+from dtlab.data.samplers import PAD_ACTION
 
 
 @pytest.fixture
@@ -18,28 +20,28 @@ def datamodule(pendulum_id) -> OfflineDataModule:
 def test_transition_batch_is_consistent_with_the_data(datamodule):
     data = datamodule.transitions
     batch = data.sample_transitions(64, torch.Generator().manual_seed(0))
-    assert batch["observations"].shape == (64, 3) and batch["actions"].shape == (64, 1)
-    assert batch["rewards"].shape == batch["terminals"].shape == (64,)
+    assert batch.observations.shape == (64, 3) and batch.actions.shape == (64, 1)
+    assert batch.rewards.shape == batch.terminals.shape == (64,)
     # every sampled row is a real row whose next observation follows it
     obs = data.columns["observations"]
-    rows = [int(torch.nonzero((obs == o).all(1))[0, 0]) for o in batch["observations"]]
-    torch.testing.assert_close(batch["next_observations"], data.columns["next_observations"][rows])
-    torch.testing.assert_close(batch["rewards"], data.columns["rewards"][rows])
+    rows = [int(torch.nonzero((obs == o).all(1))[0, 0]) for o in batch.observations]
+    torch.testing.assert_close(batch.next_observations, data.columns["next_observations"][rows])
+    torch.testing.assert_close(batch.rewards, data.columns["rewards"][rows])
 
 
 def test_windows_are_left_padded_and_aligned(datamodule):
     data = datamodule.transitions
     K = 20
     batch = data.sample_windows(256, K, torch.Generator().manual_seed(1))
-    mask = batch["mask"].bool()
-    assert batch["observations"].shape == (256, K, 3) and batch["returns_to_go"].shape == (256, K, 1)
+    mask = batch.mask.bool()
+    assert batch.observations.shape == (256, K, 3) and batch.returns_to_go.shape == (256, K, 1)
     assert mask[:, -1].all(), "the newest step is always real"
     assert (mask.long().diff(dim=1) >= 0).all(), "padding only on the left"
     assert (~mask).any(), "some windows reach the episode end and are padded"
-    assert (batch["actions"][~mask] == PAD_ACTION).all() and (batch["observations"][~mask] == 0).all()
-    assert (batch["returns_to_go"][~mask] == 0).all() and (batch["timesteps"][~mask] == 0).all()
+    assert (batch.actions[~mask] == PAD_ACTION).all() and (batch.observations[~mask] == 0).all()
+    assert (batch.returns_to_go[~mask] == 0).all() and (batch.timesteps[~mask] == 0).all()
     # inside a window: consecutive timesteps, and RTG falls by exactly the reward
-    ts, rtg, rew = batch["timesteps"], batch["returns_to_go"][..., 0], batch["rewards"][..., 0]
+    ts, rtg, rew = batch.timesteps, batch.returns_to_go[..., 0], batch.rewards[..., 0]
     both = mask[:, 1:] & mask[:, :-1]
     assert (ts.diff(dim=1)[both] == 1).all()
     torch.testing.assert_close((rtg[:, :-1] - rtg[:, 1:])[both], rew[:, :-1][both], atol=1e-3, rtol=1e-4)
@@ -49,10 +51,10 @@ def test_windows_sample_episodes_in_proportion_to_length(cartpole_id):
     data = OfflineDataModule(cartpole_id).transitions
     batch = data.sample_windows(20000, 1, torch.Generator().manual_seed(0))
     # with K=1 a window is one uniformly drawn transition: its episode's frequency ~ its length
-    obs = batch["observations"][:, 0]
+    obs = batch.observations[:, 0]
     first = data.columns["observations"][data.episode_starts]
     counts = np.bincount(data.columns["episode_ids"].numpy(), minlength=len(first))
-    hits = torch.isin(batch["timesteps"][:, 0], torch.tensor([0])).float().mean()
+    hits = torch.isin(batch.timesteps[:, 0], torch.tensor([0])).float().mean()
     expected = len(first) / counts.sum()  # chance a uniform transition is an episode's first step
     assert abs(float(hits) - expected) < 0.01, (hits, expected)
     assert obs.shape == (20000, 4)
@@ -68,19 +70,24 @@ def test_discounted_returns_match_a_direct_sum(datamodule):
     np.testing.assert_allclose(mc[start : start + length].numpy(), expected, rtol=1e-4)
 
 
-def _stream(datamodule, rank: int, epoch: int) -> list[dict[str, torch.Tensor]]:
-    from dtlab.data import BatchStream
+def _stream(datamodule, rank: int, start: int, n: int = 3) -> list:
+    from itertools import islice
 
-    stream = BatchStream(lambda g: datamodule.transitions.sample_transitions(8, g), 3, seed=datamodule.seed, rank=rank, epoch=lambda: epoch)
-    return list(stream)
+    from dtlab.data.module import BatchStream
+
+    stream = BatchStream(datamodule.sampler(), 8, steps=3, seed=datamodule.seed, rank=rank, start=lambda: start)
+    return list(islice(iter(stream), n))
 
 
-def test_streams_repeat_under_a_seed_and_differ_by_rank_and_epoch(datamodule):
+def test_streams_repeat_under_a_seed_differ_by_rank_and_are_indexed_by_update(datamodule):
     a, b = _stream(datamodule, 0, 0), _stream(datamodule, 0, 0)
-    assert all(torch.equal(x["observations"], y["observations"]) for x, y in zip(a, b))
-    other_rank, other_epoch = _stream(datamodule, 1, 0), _stream(datamodule, 0, 1)
-    assert not torch.equal(a[0]["observations"], other_rank[0]["observations"])
-    assert not torch.equal(a[0]["observations"], other_epoch[0]["observations"])
+    assert all(torch.equal(x.observations, y.observations) for x, y in zip(a, b))
+    other_rank = _stream(datamodule, 1, 0)
+    assert not any(torch.equal(x.observations, y.observations) for x, y in zip(a, other_rank))
+    # a stream started at update 1 (a resume) continues the stream started at 0, batch for batch
+    resumed = _stream(datamodule, 0, 1, n=2)
+    assert all(torch.equal(x.observations, y.observations) for x, y in zip(a[1:], resumed))
+    assert not torch.equal(a[0].observations, a[1].observations)
 
 
 def test_memory_mapped_and_in_memory_serve_the_same_batches(pendulum_id):
@@ -88,19 +95,12 @@ def test_memory_mapped_and_in_memory_serve_the_same_batches(pendulum_id):
     loaded = OfflineDataModule(pendulum_id, in_memory=True).transitions
     for fn in (lambda d, g: d.sample_transitions(32, g), lambda d, g: d.sample_windows(8, 5, g)):
         x, y = fn(mapped, torch.Generator().manual_seed(3)), fn(loaded, torch.Generator().manual_seed(3))
-        assert all(torch.equal(x[k], y[k]) for k in x)
-
-
-def test_validation_batches_are_episode_seeds(datamodule):
-    seeds = next(iter(datamodule.val_dataloader()))
-    assert seeds.tolist() == list(range(seeds[0], seeds[0] + datamodule.eval_episodes))
-    test_seeds = next(iter(datamodule.test_dataloader()))
-    assert len(test_seeds) == datamodule.test_episodes and not set(seeds.tolist()) & set(test_seeds.tolist())
+        assert all(torch.equal(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x) if getattr(x, f.name) is not None)
 
 
 def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, cartpole_id):
-    from dtlab.recording import PolicyAgent, pendulum_swingup, record_dataset
-    from dtlab.trajectories import DatasetError, dataset_dir
+    from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
+    from dtlab.data.convert import DatasetError, dataset_dir
 
     expert_id = "test/pendulum-expert-v0"
     if not dataset_dir(expert_id).exists():
@@ -119,8 +119,8 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
     ids = mixed.columns["episode_ids"]
     assert ids.unique().numel() == spec.num_episodes and int(ids.max()) == spec.num_episodes - 1
     windows = mixed.sample_windows(512, 20, torch.Generator().manual_seed(0))
-    steps = windows["timesteps"][:, -1:] - windows["timesteps"]
-    real = windows["mask"].bool()
+    steps = windows.timesteps[:, -1:] - windows.timesteps
+    real = windows.mask.bool()
     assert (steps[real] == (19 - torch.arange(20)).expand(512, -1)[real]).all()
 
     with pytest.raises(DatasetError, match="does not match.*same environment"):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from dtlab.algos.dt import DecisionTransformer
+from dtlab.callbacks import EnvEvaluation
+from dtlab.checkpoints import load_checkpoint
 from dtlab.cli import run_cli
-from dtlab.data import OfflineDataModule
-from dtlab.dt import DecisionTransformer
-from dtlab.evaluate import rollout
+from dtlab.data.module import OfflineDataModule
+from dtlab.data.samplers import BatchFormat, WindowBatch
+from dtlab.envs import rollout
 
 K = 6  # short contexts keep the tests fast
 
@@ -21,7 +26,8 @@ def tiny(spec: dict, **kw) -> DecisionTransformer:
 
 
 def windows(dm: OfflineDataModule, batch: int = 8, context: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
-    return dm.transitions.sample_windows(batch, context, torch.Generator().manual_seed(seed))
+    """A WindowBatch as a dict of tensors, easy to perturb field by field (WindowBatch(**b) rebuilds it)."""
+    return dataclasses.asdict(dm.transitions.sample_windows(batch, context, torch.Generator().manual_seed(seed)))
 
 
 def predict(model: DecisionTransformer, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -52,14 +58,14 @@ def test_padding_changes_nothing(pendulum: OfflineDataModule) -> None:
     model, b = tiny(pendulum.spec), windows(pendulum, batch=4)
     b["mask"][:, :3] = 0  # left-pad the first 3 steps of every window
     pad = b["mask"] == 0
-    base, loss = predict(model, b), model.dt_loss(b)
+    base, loss = predict(model, b), model.dt_loss(WindowBatch(**b))
     junk = {k: v.clone() for k, v in b.items()}
     junk["observations"][pad] = 1e3
     junk["actions"][pad] = 1.7
     junk["returns_to_go"][pad] = -5e4
     junk["timesteps"][pad] = 7
     torch.testing.assert_close(predict(model, junk)[~pad], base[~pad], rtol=0, atol=1e-6)
-    torch.testing.assert_close(model.dt_loss(junk), loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.dt_loss(WindowBatch(**junk)), loss, rtol=0, atol=1e-6)
     # A left-padded window predicts like its unpadded tail alone.
     tail = {k: v[:, 3:] for k, v in b.items()}
     torch.testing.assert_close(predict(model, tail), base[:, 3:], rtol=0, atol=1e-5)
@@ -69,10 +75,10 @@ def test_forward_is_transformers_decision_transformer(pendulum: OfflineDataModul
     model, b = tiny(pendulum.spec), windows(pendulum)
     b["mask"][:2, :2] = 0
     hf = model.model(
-        states=model.normalize(b["observations"]), actions=model.action_scaler.to_unit(b["actions"]), rewards=b["rewards"],
+        states=model.normalize(b["observations"]), actions=model.policy.action_scaler.to_unit(b["actions"]), rewards=b["rewards"],
         returns_to_go=b["returns_to_go"] * model.hparams.rtg_scale, timesteps=b["timesteps"], attention_mask=b["mask"],
     ).action_preds
-    torch.testing.assert_close(predict(model, b), model.action_scaler(hf).detach())
+    torch.testing.assert_close(predict(model, b), model.policy.action_scaler(hf).detach())
 
 
 def test_embedding_init_schemes(pendulum: OfflineDataModule) -> None:
@@ -89,11 +95,11 @@ def test_embedding_init_schemes(pendulum: OfflineDataModule) -> None:
 
 def test_only_used_parameters_train(pendulum: OfflineDataModule) -> None:
     model = tiny(pendulum.spec).train()
-    model.dt_loss(windows(pendulum)).backward()
+    model.dt_loss(WindowBatch(**windows(pendulum))).backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name  # DDP-safe: no trainable parameter without a gradient
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {"model.encoder.wte.weight", "model.predict_state.weight", "model.predict_state.bias", "model.predict_return.weight", "model.predict_return.bias"}
+    assert frozen == {f"policy.model.{n}" for n in ("encoder.wte.weight", "predict_state.weight", "predict_state.bias", "predict_return.weight", "predict_return.bias")}
 
 
 def run_agents(model: DecisionTransformer, steps: int, dones_at: dict[int, list[int]], n: int = 3) -> float:
@@ -198,13 +204,13 @@ def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
     with pytest.raises(SystemExit):  # the parser really checks the model's arguments
         run_cli(["fit", "-c", "conf/dt.yaml", "--model.init_args.context_length", "3", "--print_config"])
     cli = run_cli([
-        "fit", "-c", "conf/dt.yaml", "--data.dataset_id", pendulum_id, "--data.steps_per_epoch", "2", "--data.eval_episodes", "2",
-        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+        "fit", "-c", "conf/dt.yaml", "--data.dataset_id", pendulum_id, "--data.steps_per_epoch", "2", "--evaluation.episodes", "2",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--runs_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
         "--model.init_args.context_len", "4", "--model.init_args.embed_dim", "16", "--model.init_args.n_layer", "1",
     ])
     model = cli.model
-    assert model.batch_format == {"kind": "windows", "context_len": 4}
+    assert model.batch_format == BatchFormat("windows", context_len=4)
     metrics = cli.trainer.callback_metrics
     assert len(model.eval_targets) == 4 and model.eval_targets[0] == pytest.approx(model.spec.ref_max_score)
     for target in model.eval_targets:
@@ -213,7 +219,7 @@ def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
     assert (tmp_path / "dt" / "version_0" / "return_conditioning.png").stat().st_size > 0
     # The checkpoint alone acts (the spec travels in its hyperparameters).
     ckpt = next(tmp_path.rglob("*.ckpt"))
-    loaded = DecisionTransformer.load_from_checkpoint(ckpt).eval()
+    loaded = load_checkpoint(ckpt).eval()
     obs = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded.make_agent(3).act(obs), model.eval().make_agent(3).act(obs), atol=1e-6)
 
@@ -221,10 +227,10 @@ def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
 def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> None:
     import lightning as L
 
-    dm = OfflineDataModule(cartpole_id, batch_size=32, steps_per_epoch=250, eval_episodes=5)
+    dm = OfflineDataModule(cartpole_id, batch_size=32, steps_per_epoch=250)
     torch.manual_seed(0)
     model = DecisionTransformer(dm.spec, context_len=4, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=20, eval_targets=[500.0])
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25, default_root_dir=tmp_path, callbacks=[EnvEvaluation(episodes=5)])
     trainer.fit(model, dm)
     random_return = model.spec.ref_min_score  # the random policy's mean return (about 22)
     achieved = float(trainer.callback_metrics["eval/return"])

@@ -10,8 +10,8 @@ import minari
 import numpy as np
 import pytest
 
-from dtlab.recording import PolicyAgent, pendulum_swingup, record_dataset
-from dtlab.trajectories import DatasetError, dataset_dir, load_minari, minari_root
+from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
+from dtlab.data.convert import DatasetError, dataset_dir, load_minari, minari_root
 
 
 def test_record_a_callable_policy_with_references():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from minari.data_collector import EpisodeBuffer
 
-from dtlab.trajectories import DatasetError, cache_root, column_to_numpy, dataset_dir, load_trajectories
+from dtlab.data.convert import DatasetError, cache_root, column_to_numpy, dataset_dir, load_trajectories
 
 
 def write_dataset(dataset_id: str, episodes: list[dict], env: str | None = "Pendulum-v1", **kwargs) -> None:
@@ -76,7 +76,7 @@ def test_cache_is_reused_and_keyed_by_content(monkeypatch):
 
     # A second load converts nothing.
     with monkeypatch.context() as m:
-        m.setattr("dtlab.trajectories._episode_arrays", lambda *a: pytest.fail("converted again"))
+        m.setattr("dtlab.data.convert._episode_arrays", lambda *a: pytest.fail("converted again"))
         load_trajectories("unit/cache-v0")
 
     # New content, same id -> a new cache entry.
@@ -126,7 +126,7 @@ def test_sigkill_during_conversion_then_rerun(tmp_path):
         "def slow(self, path, **kw):\n"
         "    orig(self, path, **kw); open('" + str(tmp_path / "ready") + "', 'w').close(); time.sleep(60)\n"
         "datasets.Dataset.save_to_disk = slow\n"
-        "from dtlab.trajectories import load_trajectories\n"
+        "from dtlab.data.convert import load_trajectories\n"
         "load_trajectories('unit/sigkill-v0')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())

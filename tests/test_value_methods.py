@@ -11,12 +11,13 @@ import pytest
 import torch
 import yaml
 
-from dtlab.calql import CalQL
+from dtlab.algos.actor_critic import reward_factor
+from dtlab.algos.calql import CalQL
+from dtlab.algos.cql import CQL
+from dtlab.algos.iql import IQL, expectile_loss
+from dtlab.algos.td3bc import TD3BC
 from dtlab.cli import run_cli
-from dtlab.cql import CQL
-from dtlab.iql import IQL, expectile_loss
-from dtlab.td3bc import TD3BC
-from dtlab.value_based import reward_factor
+from dtlab.data.samplers import BatchFormat, TransitionBatch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["conf/td3bc.yaml", "conf/iql.yaml", "conf/cql.yaml", "conf/calql.yaml"]  # tests/test_cli.py checks every conf/
@@ -31,16 +32,16 @@ def toy_spec(obs_dim: int = 3, act_dim: int = 2) -> dict:
     )
 
 
-def toy_batch(batch_size: int = 32, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+def toy_batch(batch_size: int = 32, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> TransitionBatch:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "observations": torch.randn(batch_size, obs_dim, generator=g),
-        "actions": torch.rand(batch_size, act_dim, generator=g) * 2 - 1,
-        "rewards": torch.randn(batch_size, generator=g),
-        "next_observations": torch.randn(batch_size, obs_dim, generator=g),
-        "terminals": (torch.rand(batch_size, generator=g) < 0.2).float(),
-        "mc_returns": torch.randn(batch_size, generator=g) * 10,
-    }
+    return TransitionBatch(
+        observations=torch.randn(batch_size, obs_dim, generator=g),
+        actions=torch.rand(batch_size, act_dim, generator=g) * 2 - 1,
+        rewards=torch.randn(batch_size, generator=g),
+        next_observations=torch.randn(batch_size, obs_dim, generator=g),
+        terminals=(torch.rand(batch_size, generator=g) < 0.2).float(),
+        mc_returns=torch.randn(batch_size, generator=g) * 10,
+    )
 
 
 def plain_optimizers(model) -> tuple[list, list]:
@@ -105,7 +106,7 @@ def test_targets_move_by_polyak_only(name: str) -> None:
     pairs = [(model.critic_target, model.critic)] + ([(model.actor_target, model.actor)] if name == "td3bc" else [])
     for step in range(2):
         before = [[p.clone() for p in target.parameters()] for target, _ in pairs]
-        model.update(toy_batch(seed=step), opts, backward, scheds)
+        model.update(toy_batch(seed=step), opts, backward, scheds, step=step)
         moved = name != "td3bc" or step == 1  # TD3+BC: targets move with the delayed actor update only
         for (target, online), old in zip(pairs, before):
             for p_old, p_new, p_online in zip(old, target.parameters(), online.parameters()):
@@ -120,13 +121,13 @@ def test_td3bc_policy_delay_and_lambda() -> None:
     model = TD3BC(toy_spec(), policy_delay=3, **SMALL)
     opts, _ = plain_optimizers(model)
     actor_before = [p.clone() for p in model.actor.parameters()]
-    keys = [set(model.update(toy_batch(seed=i), opts, backward)) for i in range(3)]
+    keys = [set(model.update(toy_batch(seed=i), opts, backward, step=i)) for i in range(3)]
     assert keys[0] == keys[1] == {"critic_loss"} and "actor_loss" in keys[2]
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, model.actor.parameters()))
     # λ = α / mean|Q₁(s, π(s))|
     batch = toy_batch()
     _, lmbda = model.actor_loss(batch)
-    q1 = model.critic(batch["observations"], model.actor(batch["observations"]))[0]
+    q1 = model.critic(batch.observations, model.actor(batch.observations))[0]
     torch.testing.assert_close(lmbda, 2.5 / q1.abs().mean())
 
 
@@ -182,10 +183,10 @@ def train_toy_critic(cql_alpha: float) -> tuple[float, float]:
     opts, _ = plain_optimizers(model)
     for step in range(150):
         g = torch.Generator().manual_seed(step)
-        batch = {
-            "observations": torch.zeros(64, 1), "next_observations": torch.zeros(64, 1),
-            "actions": 0.3 + 0.2 * torch.rand(64, 1, generator=g), "rewards": torch.zeros(64), "terminals": torch.ones(64),
-        }
+        batch = TransitionBatch(
+            observations=torch.zeros(64, 1), next_observations=torch.zeros(64, 1),
+            actions=0.3 + 0.2 * torch.rand(64, 1, generator=g), rewards=torch.zeros(64), terminals=torch.ones(64),
+        )
         model.update(batch, opts, backward)
     with torch.no_grad():
         q = model.critic(torch.zeros(2, 1), torch.tensor([[0.4], [-0.8]])).min(0).values
@@ -206,12 +207,12 @@ def test_calql_bounds_policy_values_by_mc_returns() -> None:
     cql.load_state_dict(cal.state_dict())
     batch = toy_batch(8)
     q = torch.randn(2, 8, 6)
-    torch.testing.assert_close(cal.policy_values(q, batch), torch.maximum(q, batch["mc_returns"][:, None]))
+    torch.testing.assert_close(cal.policy_values(q, batch), torch.maximum(q, batch.mc_returns[:, None]))
     torch.testing.assert_close(cql.policy_values(q, batch), q)
 
     def gaps(mc: float) -> tuple[torch.Tensor, torch.Tensor]:
-        b = dict(batch, mc_returns=torch.full((8,), mc))
-        q_data = cal.critic(b["observations"], b["actions"])
+        b = batch.replace(mc_returns=torch.full((8,), mc))
+        q_data = cal.critic(b.observations, b.actions)
         torch.manual_seed(1)
         g_cal = cal.cql_regularizer(b, q_data)
         torch.manual_seed(1)
@@ -221,8 +222,8 @@ def test_calql_bounds_policy_values_by_mc_returns() -> None:
     assert (high_cal > high_cql + 100).all()
     low_cal, low_cql = gaps(-1e6)  # the bound never binds: Cal-QL is CQL
     torch.testing.assert_close(low_cal, low_cql)
-    assert cal.batch_format == {"kind": "transitions", "mc_return_gamma": 0.99}
-    assert CalQL(toy_spec(), discount=0.9, **SMALL).batch_format["mc_return_gamma"] == 0.9
+    assert cal.batch_format == BatchFormat("transitions", mc_return_gamma=0.99)
+    assert CalQL(toy_spec(), discount=0.9, **SMALL).batch_format.mc_return_gamma == 0.9
 
 
 # -- terminals: bootstrap through truncation, not through termination ------------------------------
@@ -236,9 +237,7 @@ def test_td_target_bootstraps_unless_terminal(name: str) -> None:
         head_w, head_b = (model.value.net[-1].weight, model.value.net[-1].bias) if name == "iql" else (model.critic_target.weights[-1], model.critic_target.biases[-1])
         head_w.zero_()
         head_b.fill_(5.0)
-    batch = toy_batch(4)
-    batch["rewards"] = torch.tensor([1.0, 1.0, -2.0, 0.0])
-    batch["terminals"] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # terminated / truncated-or-ongoing
+    batch = toy_batch(4).replace(rewards=torch.tensor([1.0, 1.0, -2.0, 0.0]), terminals=torch.tensor([1.0, 0.0, 1.0, 0.0]))  # terminated / truncated-or-ongoing
     torch.testing.assert_close(model.td_target(batch), torch.tensor([1.0, 1.0 + 0.9 * 5, -2.0, 0.9 * 5]))
 
 
@@ -249,94 +248,43 @@ def test_cql_target_action_sample_or_mean() -> None:
     assert not torch.allclose(sampled.td_target(batch), sampled.td_target(batch))  # a fresh a' ~ π(s') each time
     mean = CQL(toy_spec(), **SMALL)  # the default
     mean.load_state_dict(sampled.state_dict())
-    next_q = mean.critic_target(batch["next_observations"], mean.actor.act(batch["next_observations"])).min(0).values
-    expected = batch["rewards"] + 0.99 * (1 - batch["terminals"]) * next_q
+    next_q = mean.critic_target(batch.next_observations, mean.actor.act(batch.next_observations)).min(0).values
+    expected = batch.rewards + 0.99 * (1 - batch.terminals) * next_q
     torch.testing.assert_close(mean.td_target(batch), expected)
 
 
 def test_sampled_terminals_are_terminations_only(pendulum_id: str) -> None:
     """Pendulum episodes end by truncation only: every episode has a timeout, no transition is terminal."""
-    from dtlab.data import OfflineDataModule
+    from dtlab.data.module import OfflineDataModule
 
     data = OfflineDataModule(pendulum_id).transitions
     assert data.columns["timeouts"].sum() == len(data.episode_lengths) and data.columns["terminals"].sum() == 0
     batch = data.sample_transitions(512, torch.Generator().manual_seed(0), gamma=0.99)
-    assert batch["terminals"].dtype == torch.float32 and batch["terminals"].sum() == 0 and "mc_returns" in batch
+    assert batch.terminals.dtype == torch.float32 and batch.terminals.sum() == 0 and batch.mc_returns is not None
 
 
-# -- shipped configs and CLI smoke fits ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_config_validates(config: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "-c", str(REPO / config), "--print_config"])
-    assert exit_info.value.code == 0
-    assert "class_path" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("change", [{"not_a_parameter": 1}, {"alpha": "a lot"}])
-def test_invalid_config_fails(change: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    config = yaml.safe_load((REPO / "conf/td3bc.yaml").read_text())
-    config["model"]["init_args"].update(change)
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "-c", str(tmp_path / "bad.yaml"), "--print_config"])
-    assert exit_info.value.code != 0
-
-
-@pytest.mark.parametrize("algo", ["td3bc", "iql", "cql", "calql"])
-def test_smoke_fit_through_cli(algo: str, pendulum_id: str, tmp_path: Path) -> None:
-    steps = 6
-    cli = run_cli([
-        "fit", "-c", str(REPO / f"conf/{algo}.yaml"), "--data.dataset_id", pendulum_id,
-        "--data.batch_size", "32", "--data.steps_per_epoch", str(steps), "--data.eval_episodes", "2",
-        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-    ])
-    metrics = cli.trainer.callback_metrics
-    assert math.isfinite(float(metrics["train/critic_loss"])) and math.isfinite(float(metrics["eval/normalized_score"]))
-    model = cli.model
-    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == steps
-    if algo == "td3bc":  # one critic step per batch, an actor step every second batch
-        assert cli.trainer.global_step == steps + steps // 2 and model.num_updates == steps
-    if algo == "iql":  # the actor's cosine schedule spans exactly the fit
-        assert model.lr_schedulers().T_max == steps and model.optimizers()[0].param_groups[0]["lr"] < 1e-9
-    # the greedy policy acts inside the action box
-    action = model.act(torch.zeros(3, model.obs_dim))
-    assert action.shape == (3, model.act_dim) and (action.abs() <= 2.0 + 1e-6).all()
-    # the checkpoint restores the model (targets and counters included)
-    ckpt = next(tmp_path.rglob("*.ckpt"))
-    restored = type(model).load_from_checkpoint(ckpt)
-    for (n, p), q in zip(model.state_dict().items(), restored.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=n)
-    if algo == "td3bc":
-        assert restored.num_updates == steps
-
-
-# -- shared plumbing (dtlab.value_based) ----------------------------------------------------------
+# -- shared plumbing (dtlab.algos.actor_critic) ----------------------------------------------------
 
 
 @pytest.mark.parametrize("cls", [TD3BC, IQL, CQL, CalQL])
 def test_prepare_standardises_rescales_and_keeps_terminals(cls) -> None:
     spec = toy_spec(obs_dim=2) | {"obs_mean": [1.0, 1.0], "action_low": [-2.0, 0.0], "action_high": [2.0, 1.0]}
     model = cls(spec, reward_scale=0.5, **SMALL)
-    batch = {
-        "observations": torch.tensor([[1.0, 2.0]]),
-        "next_observations": torch.tensor([[3.0, 4.0]]),
-        "actions": torch.tensor([[2.0, 0.25]]),
-        "rewards": torch.tensor([2.0]),
-        "terminals": torch.tensor([1.0]),
-        "mc_returns": torch.tensor([10.0]),
-    }
+    batch = TransitionBatch(
+        observations=torch.tensor([[1.0, 2.0]]),
+        next_observations=torch.tensor([[3.0, 4.0]]),
+        actions=torch.tensor([[2.0, 0.25]]),
+        rewards=torch.tensor([2.0]),
+        terminals=torch.tensor([1.0]),
+        mc_returns=torch.tensor([10.0]),
+    )
     out = model.prepare(batch)
-    torch.testing.assert_close(out["observations"], torch.tensor([[0.0, 1.0]]))
-    torch.testing.assert_close(out["next_observations"], torch.tensor([[2.0, 3.0]]))
-    torch.testing.assert_close(out["actions"], torch.tensor([[1.0, -0.5]]))
-    torch.testing.assert_close(out["rewards"], torch.tensor([1.0]))
-    torch.testing.assert_close(out["mc_returns"], torch.tensor([5.0]))
-    assert out["terminals"] is batch["terminals"]
+    torch.testing.assert_close(out.observations, torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(out.next_observations, torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(out.actions, torch.tensor([[1.0, -0.5]]))
+    torch.testing.assert_close(out.rewards, torch.tensor([1.0]))
+    torch.testing.assert_close(out.mc_returns, torch.tensor([5.0]))
+    assert out.terminals is batch.terminals
 
 
 def test_reward_factor() -> None:

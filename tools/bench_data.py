@@ -60,9 +60,9 @@ def main() -> None:
     if args.dataset is None:
         os.environ.setdefault("MINARI_DATASETS_PATH", str(Path(tempfile.gettempdir()) / "dtlab-bench" / "minari"))
     os.environ["DTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="dtlab-bench-cache-")
-    from dtlab.data import COLUMNS, BatchStream
-    from dtlab.sampling import Transitions
-    from dtlab.trajectories import cache_root, column_to_numpy, load_trajectories, minari_root
+    from dtlab.data.module import COLUMNS, BatchStream
+    from dtlab.data.samplers import BatchFormat, OfflineSampler, Transitions
+    from dtlab.data.convert import cache_root, column_to_numpy, load_trajectories, minari_root
 
     dataset_id = args.dataset or synthetic_dataset(minari_root(), args.episodes, args.steps)
 
@@ -84,7 +84,7 @@ def main() -> None:
     ours_t = median_ms(lambda: data.sample_transitions(256, g), args.batches)
     ours_w = median_ms(lambda: data.sample_windows(64, 20, g), args.batches)
     # The same sampler as the DataModule serves it to Lightning (IterableDataset through a DataLoader).
-    stream = iter(torch.utils.data.DataLoader(BatchStream(lambda gen: data.sample_transitions(256, gen), 10**9, 0, 0, lambda: 0), batch_size=None))
+    stream = iter(torch.utils.data.DataLoader(BatchStream(OfflineSampler(data, BatchFormat()), 256, 10**9, 0, 0, lambda: 0), batch_size=None))
     ours_loader = median_ms(lambda: next(stream), args.batches)
 
     # Baseline 1: DataLoader over the HF dataset in torch format (what a user writes first).

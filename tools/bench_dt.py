@@ -65,10 +65,10 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtlab.data import OfflineDataModule  # noqa: E402
-from dtlab.dt import DecisionTransformer  # noqa: E402
-from dtlab.evaluate import make_vector_env, rollout  # noqa: E402
-from dtlab.trajectories import dataset_dir  # noqa: E402
+from dtlab.data.module import OfflineDataModule  # noqa: E402
+from dtlab.algos.dt import DecisionTransformer  # noqa: E402
+from dtlab.envs import make_vector_env, rollout  # noqa: E402
+from dtlab.data.convert import dataset_dir  # noqa: E402
 
 
 class ChunkTimer(L.Callback):

@@ -80,7 +80,8 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from dtlab.data import OfflineDataModule
+    from dtlab.callbacks import DivergenceGuard
+    from dtlab.data.module import OfflineDataModule
 
     class UpdateTimer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -95,21 +96,21 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
     timer = UpdateTimer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(max_epochs=1, limit_val_batches=0, precision=precision, num_sanity_val_steps=0, logger=CSVLogger(tmp), enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, DivergenceGuard()])
         trainer.fit(model, data)
     return updates / (timer.stop - timer.start)
 
 
 def plain_setup(algo: str, dataset: str, **overrides) -> tuple:
     """The model of conf/<algo>.yaml, its optimisers and schedulers, and a sampler of prepared batches of 256."""
-    from dtlab.data import OfflineDataModule
+    from dtlab.data.module import OfflineDataModule
 
     cls, init_args = model_class_and_args(algo, **overrides)
     data = OfflineDataModule(dataset, batch_size=256)
     model = cls(spec=data.spec, **init_args)
     out = model.configure_optimizers()
     optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
-    gamma = model.batch_format.get("mc_return_gamma")
+    gamma = model.batch_format.mc_return_gamma
     transitions, generator = data.transitions, torch.Generator().manual_seed(0)
     return model, optimizers, schedulers, lambda: model.prepare(transitions.sample_transitions(256, generator, gamma))
 
@@ -117,16 +118,16 @@ def plain_setup(algo: str, dataset: str, **overrides) -> tuple:
 def time_plain(algo: str, dataset: str, warmup: int, updates: int, bf16: bool = False, **overrides) -> float:
     model, optimizers, schedulers, sample = plain_setup(algo, dataset, **overrides)
 
-    def step() -> None:
+    def step(i: int) -> None:
         batch = sample()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model.update(batch, optimizers, torch.Tensor.backward, schedulers)
+            model.update(batch, optimizers, torch.Tensor.backward, schedulers, step=i)
 
-    for _ in range(warmup):
-        step()
+    for i in range(warmup):
+        step(i)
     start = time.perf_counter()
-    for _ in range(updates):
-        step()
+    for i in range(warmup, warmup + updates):
+        step(i)
     return updates / (time.perf_counter() - start)
 
 

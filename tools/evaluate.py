@@ -9,7 +9,8 @@ import argparse
 
 import numpy as np
 
-from dtlab.base import load_checkpoint
+from dtlab.callbacks import evaluate_returns
+from dtlab.checkpoints import load_checkpoint
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint).eval()
-    returns = model.evaluate(list(range(args.seed, args.seed + args.episodes)))
+    returns = evaluate_returns(model, list(range(args.seed, args.seed + args.episodes)))
     line = f"{model.spec.dataset_id}: return {returns.mean():.1f} ± {returns.std():.1f} over {args.episodes} episodes"
     if model.spec.ref_min_score is not None:
         scores = model.spec.normalized_score(returns)

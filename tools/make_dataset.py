@@ -21,8 +21,8 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
-from dtlab.evaluate import Agent
-from dtlab.recording import EMBEDDED_DATASETS, PolicyAgent, cartpole_balance, pendulum_swingup, random_policy, record_dataset
+from dtlab.envs import Agent
+from dtlab.data.recording import EMBEDDED_DATASETS, PolicyAgent, cartpole_balance, pendulum_swingup, random_policy, record_dataset
 
 SCRIPTED = {"pendulum": pendulum_swingup, "cartpole": cartpole_balance}
 
@@ -40,7 +40,7 @@ def agent_factory(name: str, env_id: str, noise: float, seed: int) -> Callable[[
             raise SystemExit(f"unknown scripted policy {target!r}; choose one of {sorted(SCRIPTED)}")
         return lambda i: PolicyAgent(SCRIPTED[target](noise, rng))
     if kind == "checkpoint":
-        from dtlab.base import load_checkpoint
+        from dtlab.checkpoints import load_checkpoint
 
         model = load_checkpoint(target).eval()
         return lambda i: model.make_agent(1)

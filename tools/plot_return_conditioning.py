@@ -5,7 +5,7 @@
         --out tools/results/dt/return_conditioning.png
 
 Every target runs on the same episode seeds, all in one vector env. Writes the PNG and a JSON of the
-numbers beside it (dtlab.dt.plot_return_conditioning); the checkpoint alone is enough (no dataset needed).
+numbers beside it (dtlab.plots.plot_return_conditioning); the checkpoint alone is enough (no dataset needed).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import time
 import numpy as np
 import torch
 
-from dtlab.dt import DecisionTransformer, plot_return_conditioning
+from dtlab.callbacks import evaluate_returns
+from dtlab.checkpoints import load_checkpoint
+from dtlab.plots import plot_return_conditioning
 
 
 def main() -> None:
@@ -31,14 +33,14 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = DecisionTransformer.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model = load_checkpoint(args.checkpoint).eval()
     spec = model.spec
     targets = args.targets
     if targets is None:
         top = spec.ref_max_score if spec.ref_max_score is not None else spec.return_max
         targets = np.linspace(spec.return_min, 1.2 * top if top > 0 else top, 8).tolist()
     start = time.perf_counter()
-    returns = model.evaluate_targets(list(range(args.seed, args.seed + args.episodes)), targets)
+    returns = evaluate_returns(model, list(range(args.seed, args.seed + args.episodes)), targets)
     title = f"DT on {spec.dataset_id} ({args.episodes} episodes per target)"
     path = plot_return_conditioning(targets, returns, args.out, spec, title)
     for t, r in zip(targets, returns):

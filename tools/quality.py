@@ -21,17 +21,18 @@ from dtlab.cli import run_cli
 
 
 def train_one(config: list[str], dataset: str, seed: int, epochs: int | None, extra: list[str], out_dir: str) -> dict:
-    args = ["fit", *sum((["-c", c] for c in config), []), "--data.dataset_id", dataset, "--seed_everything", str(seed), "--data.seed", str(seed)]
+    layers = [arg for c in config for arg in ("-c", c)]
+    args = ["fit", *layers, "--data.dataset_id", dataset, "--seed_everything", str(seed), "--data.seed", str(seed), "--evaluation.seed", str(seed)]
     if epochs is not None:
-        args += ["--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs)]
-    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", out_dir, *extra]
+        args += ["--trainer.max_epochs", str(epochs), "--evaluation.every_n_epochs", str(epochs)]
+    args += ["--trainer.enable_progress_bar", "false", "--runs_dir", out_dir, *extra]
     start = time.perf_counter()
     cli = run_cli(args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     trainer = cli.trainer
     return {
         "config": config, "dataset": dataset, "seed": seed, "extra": extra,
-        "updates": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+        "updates": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(), "precision": str(trainer.precision), "log_dir": trainer.log_dir,
         **metrics,

@@ -11,11 +11,10 @@ so conf/calql.yaml keeps CORL's HalfCheetah CQL settings).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from dtlab.cql import CQL, Batch
+from dtlab.algos.cql import CQL, Batch
+from dtlab.data.samplers import BatchFormat
 
 
 class CalQL(CQL):
@@ -27,10 +26,10 @@ class CalQL(CQL):
     """
 
     @property
-    def batch_format(self) -> dict[str, Any]:  # type: ignore[override]
+    def batch_format(self) -> BatchFormat:
         """Transitions plus Monte-Carlo returns discounted with the model's own γ."""
-        return {"kind": "transitions", "mc_return_gamma": self.hparams.discount}
+        return BatchFormat("transitions", mc_return_gamma=self.hparams.discount)
 
     def policy_values(self, q_policy: torch.Tensor, batch: Batch) -> torch.Tensor:
         """max(Q(s, a_π), G_MC(s)): (n_critics, B, 2N) bounded below by each state's return."""
-        return torch.maximum(q_policy, batch["mc_returns"][:, None])
+        return torch.maximum(q_policy, batch.mc_returns[:, None])

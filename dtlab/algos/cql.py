@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, soft_update
-from dtlab.value_based import Batch, ValueBasedModule
+from dtlab.algos.actor_critic import ActorCriticModule, Batch
 
 
-class CQL(ValueBasedModule):
+class CQL(ActorCriticModule):
     """CQL(H) on SAC: tanh-Gaussian actor, batched critic ensemble, learned entropy temperature α.
 
     Args:
@@ -95,7 +95,7 @@ class CQL(ValueBasedModule):
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.actor = TanhGaussianActor(self.obs_dim, self.act_dim, actor_hidden_dims, init=actor_init)
+        self.policy = self.make_policy(TanhGaussianActor(self.obs_dim, self.act_dim, actor_hidden_dims, init=actor_init))
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics, orthogonal_init=orthogonal_init)
         self.critic_target = frozen_copy(self.critic)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learn_alpha)
@@ -109,8 +109,8 @@ class CQL(ValueBasedModule):
     def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """SAC's E[α log π(ã|s) − min_i Q_i(s, ã)], ã ~ π(s) reparameterised; α and the critics'
         weights are detached (this loss moves the actor only). Returns (loss, log π(ã|s) detached)."""
-        actions, log_pi = self.actor(batch["observations"])
-        q = self.critic(batch["observations"], actions, detach_params=True).min(0).values
+        actions, log_pi = self.actor(batch.observations)
+        q = self.critic(batch.observations, actions, detach_params=True).min(0).values
         return (self.log_alpha.exp().detach() * log_pi - q).mean(), log_pi.detach()
 
     def alpha_loss(self, log_pi: torch.Tensor) -> torch.Tensor:
@@ -120,11 +120,11 @@ class CQL(ValueBasedModule):
     @torch.no_grad()
     def td_target(self, batch: Batch) -> torch.Tensor:
         """y = r + γ (1 − terminal) (min_i Q'_i(s', a') [− α log π(a'|s')]), a' ~ π(s') (or its mean): (B,)."""
-        next_actions, next_log_pi = self.actor(batch["next_observations"], deterministic=self.hparams.target_action == "mean")
-        next_q = self.critic_target(batch["next_observations"], next_actions).min(0).values
+        next_actions, next_log_pi = self.actor(batch.next_observations, deterministic=self.hparams.target_action == "mean")
+        next_q = self.critic_target(batch.next_observations, next_actions).min(0).values
         if self.hparams.backup_entropy:
             next_q = next_q - self.log_alpha.exp() * next_log_pi
-        return batch["rewards"] + self.hparams.discount * (1.0 - batch["terminals"]) * next_q
+        return batch.rewards + self.hparams.discount * (1.0 - batch.terminals) * next_q
 
     def policy_values(self, q_policy: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Q at the policy's actions as the regulariser sees them: unchanged in CQL (Cal-QL bounds them)."""
@@ -135,10 +135,10 @@ class CQL(ValueBasedModule):
 
         a_j: N uniform actions (density 2^-A on the unit box), N from π(·|s), N from π(·|s'), all
         scored at s; the policy samples and their log-densities carry no gradient."""
-        obs, n = batch["observations"], self.hparams.cql_n_actions
+        obs, n = batch.observations, self.hparams.cql_n_actions
         batch_size = obs.shape[0]
         with torch.no_grad():  # one actor pass over [s; s'] for both policy proposals
-            pi_actions, pi_log_prob = self.actor(torch.cat([obs, batch["next_observations"]]), n_samples=n)  # (2B, N, A), (2B, N)
+            pi_actions, pi_log_prob = self.actor(torch.cat([obs, batch.next_observations]), n_samples=n)  # (2B, N, A), (2B, N)
             pi_log_prob = torch.cat([pi_log_prob[:batch_size], pi_log_prob[batch_size:]], dim=1)  # (B, 2N): from s, then from s'
             uniform = torch.empty(batch_size, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
         # Each proposal is one batched pass over all critics, (n_critics, B, N); three passes of B·N
@@ -165,7 +165,7 @@ class CQL(ValueBasedModule):
     def critic_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ_i ( E[(Q_i(s, a) − y)²] + α′ · cql_alpha · (gap_i − target_action_gap·[lagrange]) ).
         Returns (loss, per-critic gap detached)."""
-        q_data = self.critic(batch["observations"], batch["actions"])  # (n, B)
+        q_data = self.critic(batch.observations, batch.actions)  # (n, B)
         td_loss = (q_data - self.td_target(batch)).pow(2).mean(-1).sum()
         gap = self.cql_regularizer(batch, q_data)  # (n,)
         threshold = self.hparams.target_action_gap if self.hparams.lagrange else 0.0
@@ -178,7 +178,7 @@ class CQL(ValueBasedModule):
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = ()) -> dict[str, torch.Tensor]:
+    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
         """One CQL iteration on a prepared batch. All losses come from the same parameters (as in the
         authors' and CORL's code), then each of α, π, Q (and α′) takes its own step; Polyak update.
         `backward` is Lightning's manual_backward or plain `loss.backward()`."""

@@ -7,12 +7,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from dtlab.base import OfflineRLModule
-from dtlab.networks import mlp
+from dtlab.algos.base import OfflineRLModule
+from dtlab.data.samplers import TransitionBatch
+from dtlab.networks import CategoricalActor, DeterministicActor
+from dtlab.policy import Policy
 
 
 class BC(OfflineRLModule):
-    """Deterministic MLP policy; tanh-squashed to the action box (continuous) or logits (discrete).
+    """Deterministic MLP policy: tanh-squashed to the action box (continuous, MSE) or logits (discrete, cross-entropy).
 
     Args:
         spec: dataset spec (linked from the DataModule by the CLI).
@@ -32,24 +34,17 @@ class BC(OfflineRLModule):
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
-        self.policy = mlp(self.obs_dim, self.act_dim, hidden_dims, dropout=dropout)
+        actor_cls = CategoricalActor if self.spec.discrete else DeterministicActor
+        self.policy = Policy(actor_cls(self.obs_dim, self.act_dim, hidden_dims, dropout=dropout), self.spec)
 
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        """Actions in the action box (continuous) or action logits (discrete)."""
-        out = self.policy(self.normalize(observations))
-        return out if self.spec.discrete else self.action_scaler(torch.tanh(out))
-
-    def act(self, observations: torch.Tensor) -> torch.Tensor:
-        out = self(observations)
-        return out.argmax(-1) if self.spec.discrete else out
-
-    def bc_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self(batch["observations"])
+    def bc_loss(self, batch: TransitionBatch) -> torch.Tensor:
+        """Cross-entropy of the logits (discrete), or MSE between tanh(MLP(s)) and a, in the unit box (continuous)."""
+        out = self.policy.actor(self.normalize(batch.observations))
         if self.spec.discrete:
-            return F.cross_entropy(out, batch["actions"])
-        return F.mse_loss(out, batch["actions"])
+            return F.cross_entropy(out, batch.actions)
+        return F.mse_loss(out, self.policy.action_scaler.to_unit(batch.actions))
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TransitionBatch, batch_idx: int) -> torch.Tensor:
         loss = self.bc_loss(batch)
         self.log("train/bc_loss", loss, prog_bar=True)
         return loss

@@ -18,8 +18,9 @@ import numpy as np
 from minari.data_collector import EpisodeBuffer
 from tqdm.auto import tqdm
 
-from dtlab.evaluate import Agent
-from dtlab.trajectories import DatasetError, dataset_dir, minari_root
+from dtlab.envs import Agent
+from dtlab.data.paths import dataset_dir, minari_root
+from dtlab.spec import DatasetError
 
 Policy = Callable[[np.ndarray], Any]  # one raw observation -> one action
 

@@ -23,83 +23,13 @@ import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
+from dtlab.data.paths import cache_root, dataset_dir, local_dataset_ids, minari_root
+from dtlab.data.recording import EMBEDDED_DATASETS
+from dtlab.spec import DatasetError, DatasetSpec
+
 # Bump when the cached layout changes: old caches are then ignored, never misread.
 CACHE_FORMAT = 2
 SPEC_FILE = "dtlab_spec.json"
-
-
-class DatasetError(ValueError):
-    """Bad or missing dataset: the message names the dataset, what is wrong and what to do."""
-
-
-@dataclasses.dataclass
-class DatasetSpec:
-    """What a model must know about its data to act on its own: spaces, normalisation, references.
-
-    It travels inside every checkpoint (as a plain dict), so a trained model acts and is scored
-    without the dataset it came from.
-    """
-
-    dataset_id: str
-    observation_dim: int
-    action_dim: int  # continuous: size of the action vector; discrete: number of actions
-    discrete: bool
-    action_low: list[float] | None
-    action_high: list[float] | None
-    obs_mean: list[float]
-    obs_std: list[float]
-    num_episodes: int
-    num_transitions: int
-    max_episode_steps: int  # longest episode in the data (timestep embeddings need it)
-    return_min: float
-    return_max: float
-    return_mean: float
-    env_spec: dict[str, Any] | None = None  # gymnasium EnvSpec (as parsed JSON); None when the data names no environment
-    flatten_observations: bool = False  # the env's Dict observations are flattened as in the data
-    ref_min_score: float | None = None  # random policy's return
-    ref_max_score: float | None = None  # expert's return
-    fingerprint: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | DatasetSpec) -> DatasetSpec:
-        if isinstance(d, DatasetSpec):
-            return d
-        return cls(**d)
-
-    def normalized_score(self, returns: np.ndarray | float) -> np.ndarray | float:
-        """D4RL-style score: 100 * (R - R_random) / (R_expert - R_random)."""
-        if self.ref_min_score is None or self.ref_max_score is None:
-            raise DatasetError(
-                f"Dataset '{self.dataset_id}' has no reference returns (ref_min_score/ref_max_score): "
-                "add them to its metadata or put a refs.json beside it."
-            )
-        return 100.0 * (np.asarray(returns) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
-
-
-def minari_root() -> Path:
-    """Where Minari keeps local datasets (MINARI_DATASETS_PATH or ~/.minari/datasets)."""
-    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets")).expanduser()
-
-
-def cache_root() -> Path:
-    """Where converted Arrow datasets are cached (DTLAB_CACHE_DIR or ~/.cache/dtlab)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtlab"
-    return Path(os.environ.get("DTLAB_CACHE_DIR", default)).expanduser() / "datasets"
-
-
-def local_dataset_ids() -> list[str]:
-    root = minari_root()
-    if not root.exists():
-        return []
-    found = (p.parent.relative_to(root) for p in root.rglob("data") if (p / "metadata.json").exists())
-    return sorted(str(rel) for rel in found if not any(part.startswith(".") for part in rel.parts))
-
-
-def dataset_dir(dataset_id: str) -> Path:
-    return minari_root() / dataset_id / "data"
 
 
 def fingerprint(dataset_id: str) -> str:
@@ -114,9 +44,8 @@ def fingerprint(dataset_id: str) -> str:
 
 
 def load_minari(dataset_id: str) -> minari.MinariDataset:
-    """Open a Minari dataset by id: local first, then a download where a network exists."""
-    from dtlab.recording import EMBEDDED_DATASETS  # the embedded defaults are built on first use
-
+    """Open a Minari dataset by id: local first (the embedded defaults are built on first use), then a
+    download where a network exists."""
     if not dataset_dir(dataset_id).exists() and dataset_id in EMBEDDED_DATASETS:
         EMBEDDED_DATASETS[dataset_id]()
     if not dataset_dir(dataset_id).exists():

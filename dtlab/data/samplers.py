@@ -1,21 +1,84 @@
-"""Vectorised batch sampling from flat transition tensors: transitions or Decision-Transformer windows.
+"""The batch contract between the DataModule and the algorithms, and the samplers that fill it.
 
-Every batch is drawn by tensor indexing (no per-item Python loop), from a torch.Generator the caller
-seeds, so a (seed, rank, epoch) triple fixes the sample stream.
+A model states what it trains on with a `BatchFormat` (transitions, or DT windows of a context length);
+the DataModule turns that into a `Sampler` and serves its batches: `TransitionBatch` or `WindowBatch`,
+typed dataclasses both sides import. Every batch is drawn by tensor indexing (no per-item Python loop)
+from a torch.Generator the caller seeds, so a seed fixes the sample stream. An online replay buffer or an
+offline/online mixture plugs in as another `Sampler`, without touching the algorithms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-from dtlab.trajectories import DatasetSpec
+from dtlab.spec import DatasetSpec
 
 # Left padding of DT windows, as in the DT paper / HF recipe: states 0, actions -10, RTG 0, mask 0.
 PAD_ACTION = -10.0
 TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+@dataclasses.dataclass
+class TransitionBatch:
+    """B transitions (s, a, r, s', terminal): (B, S), (B, A) or (B,) long, (B,), (B, S), (B,).
+
+    `terminals` is 1 only where the episode truly ended (termination); a truncated step still bootstraps.
+    `mc_returns` (B,): Σ_k γ^k r_{t+k} to the episode's end, when the format asks for them (Cal-QL).
+    """
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: torch.Tensor
+    terminals: torch.Tensor
+    mc_returns: torch.Tensor | None = None
+
+    def replace(self, **changes: torch.Tensor) -> TransitionBatch:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class WindowBatch:
+    """B windows of K consecutive steps, left-padded, newest step at K-1: observations (B, K, S),
+    actions (B, K, A) or (B, K) long, returns_to_go and rewards (B, K, 1), timesteps (B, K) long,
+    mask (B, K) long, 1 on real steps."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    returns_to_go: torch.Tensor
+    rewards: torch.Tensor
+    timesteps: torch.Tensor
+    mask: torch.Tensor
+
+
+Batch = TransitionBatch | WindowBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFormat:
+    """What a model trains on: `transitions` (with Monte-Carlo returns discounted by `mc_return_gamma`
+    when set) or `windows` of `context_len` steps."""
+
+    kind: Literal["transitions", "windows"] = "transitions"
+    context_len: int | None = None
+    mc_return_gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "windows" and (self.context_len is None or self.context_len < 1):
+            raise ValueError(f"BatchFormat('windows') needs a context_len >= 1, got {self.context_len}.")
+
+
+class Sampler(Protocol):
+    """Anything the DataModule can draw training batches from."""
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """One batch of `batch_size` items drawn with `generator` (and nothing else random)."""
+        ...
 
 
 class Transitions:
@@ -63,7 +126,7 @@ class Transitions:
             self._discounted[gamma] = padded[episode, step].float()
         return self._discounted[gamma]
 
-    def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None) -> dict[str, torch.Tensor]:
+    def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None) -> TransitionBatch:
         """A uniform batch of (s, a, r, s', terminal); `mc_returns` too when `gamma` is given."""
         idx = torch.randint(len(self), (batch_size,), generator=generator)
         if self._packed is not None:
@@ -76,9 +139,9 @@ class Transitions:
             batch["actions"] = batch["actions"].reshape(batch_size).long()
         if gamma is not None:
             batch["mc_returns"] = self.discounted_returns(gamma)[idx]
-        return batch
+        return TransitionBatch(**batch)
 
-    def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator) -> WindowBatch:
         """A batch of DT windows (B, K, ...), left-padded, episodes drawn in proportion to their length.
 
         A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
@@ -98,11 +161,24 @@ class Transitions:
             actions = torch.where(mask, actions, 0)
         else:
             actions = torch.where(mask[..., None], actions, PAD_ACTION)
-        return {
-            "observations": observations,
-            "actions": actions,
-            "returns_to_go": (c["returns_to_go"][idx] * mask)[..., None],
-            "rewards": (c["rewards"][idx] * mask)[..., None],
-            "timesteps": (c["timesteps"][idx].long() * mask),
-            "mask": mask.long(),
-        }
+        return WindowBatch(
+            observations=observations,
+            actions=actions,
+            returns_to_go=(c["returns_to_go"][idx] * mask)[..., None],
+            rewards=(c["rewards"][idx] * mask)[..., None],
+            timesteps=c["timesteps"][idx].long() * mask,
+            mask=mask.long(),
+        )
+
+
+@dataclasses.dataclass
+class OfflineSampler:
+    """The `Sampler` over a static dataset in the shape a `BatchFormat` asks for."""
+
+    data: Transitions
+    format: BatchFormat
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        if self.format.kind == "windows":
+            return self.data.sample_windows(batch_size, self.format.context_len, generator)
+        return self.data.sample_transitions(batch_size, generator, self.format.mc_return_gamma)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gymnasium.envs.registration import EnvSpec
 
-from dtlab.trajectories import DatasetError, DatasetSpec
+from dtlab.spec import DatasetError, DatasetSpec
 
 
 class Agent(Protocol):
@@ -67,19 +67,34 @@ def make_vector_env(spec: DatasetSpec, num_envs: int) -> gym.vector.VectorEnv:
     if spec.env_spec is None:
         raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
     wrappers = [gym.wrappers.FlattenObservation] if spec.flatten_observations else None
-    return gym.make_vec(EnvSpec.from_json(json.dumps(spec.env_spec)), num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers)
+    env_spec = EnvSpec.from_json(json.dumps(spec.env_spec))
+    try:
+        return gym.make_vec(env_spec, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers)
+    except Exception as err:  # an entry point that does not import, a missing optional dependency, ...
+        raise DatasetError(
+            f"Dataset '{spec.dataset_id}': its environment '{env_spec.id}' (entry point {env_spec.entry_point!r}) cannot be "
+            f"built: {type(err).__name__}: {err}. Install the package that provides it (MuJoCo tasks: "
+            "pip install 'gymnasium[mujoco]'), or train without evaluation (--evaluation.episodes 0)."
+        ) from err
 
 
-def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Run one episode in each sub-environment (seeded); return (returns, lengths) per episode."""
+def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int], on_episode_end: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run one episode in each sub-environment (seeded); return (returns, lengths) per episode.
+    `on_episode_end(k)` is called whenever k more episodes have finished (progress displays)."""
     observations, _ = env.reset(seed=list(seeds))
     n = len(seeds)
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
     while not done.all():
-        observations, rewards, terminated, truncated, _ = env.step(agent.act(observations))
+        actions = agent.act(observations)
+        if np.issubdtype(actions.dtype, np.floating) and not np.isfinite(actions).all():
+            raise FloatingPointError("the policy produced non-finite actions (NaN or inf); its parameters have diverged")
+        observations, rewards, terminated, truncated, _ = env.step(actions)
         ended = terminated | truncated
         returns += np.where(done, 0.0, rewards)
         lengths += ~done
         agent.observe(rewards, ended)
+        newly = int((ended & ~done).sum())
         done |= ended
+        if newly and on_episode_end is not None:
+            on_episode_end(newly)
     return returns, lengths

@@ -12,24 +12,76 @@ At evaluation the first R̂ is the return we ask for; it is decremented by every
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
-from gymnasium.vector import AutoresetMode
+from einops import rearrange
 from torch import nn
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from transformers.cache_utils import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
-from dtlab.base import OfflineRLModule
-from dtlab.evaluate import make_vector_env, rollout
-from dtlab.sampling import PAD_ACTION
+from dtlab.algos.base import OfflineRLModule
+from dtlab.data.samplers import PAD_ACTION, BatchFormat, WindowBatch
+from dtlab.policy import Normalizer
+from dtlab.spec import DatasetSpec
+
+
+class DTPolicy(Normalizer):
+    """The Decision Transformer as a plain nn.Module: raw context windows in, actions in the env's units out.
+
+    Holds transformers' `DecisionTransformerModel` (GPT-2 backbone), the observation statistics and the
+    action box; the return-to-go scale and the timestep range are its own. `DTAgent` turns it into an
+    act-per-step policy; export and the Hub ship it.
+    """
+
+    def __init__(self, model: DecisionTransformerModel, spec: DatasetSpec, rtg_scale: float, max_ep_len: int, context_len: int, cache_keep: int) -> None:
+        super().__init__(spec)
+        self.model, self.rtg_scale, self.max_ep_len = model, rtg_scale, max_ep_len
+        self.obs_dim, self.act_dim = spec.observation_dim, spec.action_dim
+        self.context_len, self.cache_keep = context_len, cache_keep  # acting: see DecisionTransformer's cache_keep
+
+    def tokens(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Raw steps (B, T, ...) -> (B, 3T, H) tokens interleaved R̂_1, s_1, a_1, R̂_2, ..., as in HF's forward."""
+        m = self.model
+        time = m.embed_timestep(timesteps.clamp(0, self.max_ep_len - 1))  # (B, T, H), added to all 3 tokens
+        if self.discrete:
+            action_in = F.one_hot(actions.long().clamp(min=0), self.act_dim).float()
+        else:
+            action_in = self.action_scaler.to_unit(actions)
+        r = m.embed_return(returns_to_go * self.rtg_scale) + time
+        s = m.embed_state(self.normalize(observations)) + time
+        a = m.embed_action(action_in) + time
+        return m.embed_ln(rearrange([r, s, a], "k b t h -> b (t k) h"))  # (B, 3T, H)
+
+    def encode(self, tokens: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens. With a cache, the
+        new tokens attend to the cached ones too and their keys/values are appended to it."""
+        out = self.model.encoder(
+            inputs_embeds=tokens,
+            attention_mask=token_mask,
+            # All zeros, as in HF's DT forward: with a cache GPT-2 would otherwise number new tokens
+            # past+0, past+1, ... and add position embeddings the model never saw in training.
+            position_ids=torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def action_head(self, state_hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of s tokens -> actions in the box (continuous) or logits (discrete)."""
+        out = self.model.predict_action(state_hidden)  # tanh'd when continuous
+        return out if self.discrete else self.action_scaler(out)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K, ...) windows -> (B, K, act_dim): the prediction for a_t from the s_t token."""
+        b, k = mask.shape
+        tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
+        token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
+        hidden = self.encode(tokens, token_mask).reshape(b, k, 3, -1)
+        return self.action_head(hidden[:, :, 1])  # s_t tokens
 
 
 class DecisionTransformer(OfflineRLModule):
@@ -66,6 +118,8 @@ class DecisionTransformer(OfflineRLModule):
             full-replay, seed 1, 3k updates: 74.6 with "torch", 59.3 with "gpt2" (tools/results/dt/).
     """
 
+    run_name = "dt"
+
     def __init__(
         self,
         spec: dict[str, Any] | None = None,
@@ -86,14 +140,10 @@ class DecisionTransformer(OfflineRLModule):
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
-        # batch_format is a ClassVar on the base; the context length is ours, so set it per instance.
-        self.batch_format = {"kind": "windows", "context_len": context_len}
-        self.context_len = context_len
-        self.cache_keep = context_len // 2 if cache_keep is None else cache_keep
-        if not 0 <= self.cache_keep < context_len:
+        cache_keep = context_len // 2 if cache_keep is None else cache_keep
+        if not 0 <= cache_keep < context_len:
             raise ValueError(f"cache_keep must be in [0, context_len) = [0, {context_len}), got {cache_keep}.")
-        self.max_ep_len = max_ep_len or self.spec.max_episode_steps
-        self.eval_targets = [float(t) for t in eval_targets] if eval_targets else default_targets(self.spec)
+        max_ep_len = max_ep_len or self.spec.max_episode_steps
         config = DecisionTransformerConfig(
             state_dim=self.obs_dim,
             act_dim=self.act_dim,  # discrete: the number of actions (one-hot in, logits out)
@@ -105,7 +155,7 @@ class DecisionTransformer(OfflineRLModule):
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
-            max_ep_len=self.max_ep_len,
+            max_ep_len=max_ep_len,
             action_tanh=not self.spec.discrete,
             n_positions=1,  # GPT-2's wpe only ever sees position 0: the timestep embedding replaces it
             vocab_size=1,
@@ -113,12 +163,25 @@ class DecisionTransformer(OfflineRLModule):
             eos_token_id=None,
             attn_implementation="sdpa",
         )
-        self.model = DecisionTransformerModel(config)
+        model = DecisionTransformerModel(config)
         # Parts of the HF model DT never uses (token ids, next-state/return heads): frozen, so DDP
         # does not wait for their gradients and AdamW leaves them alone.
-        for unused in (self.model.encoder.wte, self.model.predict_state, self.model.predict_return):
+        for unused in (model.encoder.wte, model.predict_state, model.predict_return):
             unused.requires_grad_(False)
+        self.policy = DTPolicy(model, self.spec, rtg_scale, max_ep_len, context_len, cache_keep)
         self.init_embeddings(embedding_init)
+
+    @property
+    def model(self) -> DecisionTransformerModel:
+        """transformers' DecisionTransformerModel inside the policy."""
+        return self.policy.model
+
+    @property
+    def batch_format(self) -> BatchFormat:
+        return BatchFormat("windows", context_len=self.hparams.context_len)
+
+    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.policy(observations, actions, returns_to_go, timesteps, mask)
 
     def init_embeddings(self, scheme: str) -> None:
         """Re-initialise the DT layers that transformers' post_init set to N(0, 0.02) (see embedding_init)."""
@@ -129,60 +192,17 @@ class DecisionTransformer(OfflineRLModule):
             for layer in (m.embed_return, m.embed_state, m.embed_action, m.predict_action[0]):
                 layer.reset_parameters()
 
-    # -- the sequence model ------------------------------------------------------------------------
-
-    def tokens(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Raw steps (B, T, ...) -> (B, 3T, H) tokens interleaved R̂_1, s_1, a_1, R̂_2, ..., as in HF's forward."""
-        m = self.model
-        time = m.embed_timestep(timesteps.clamp(0, self.max_ep_len - 1))  # (B, T, H), added to all 3 tokens
-        if self.spec.discrete:
-            action_in = F.one_hot(actions.long().clamp(min=0), self.act_dim).float()
-        else:
-            action_in = self.action_scaler.to_unit(actions)
-        r = m.embed_return(returns_to_go * self.hparams.rtg_scale) + time
-        s = m.embed_state(self.normalize(observations)) + time
-        a = m.embed_action(action_in) + time
-        b, t, h = s.shape
-        return m.embed_ln(torch.stack((r, s, a), dim=2).reshape(b, 3 * t, h))
-
-    def encode(self, tokens: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
-        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens. With a cache, the
-        new tokens attend to the cached ones too and their keys/values are appended to it."""
-        out = self.model.encoder(
-            inputs_embeds=tokens,
-            attention_mask=token_mask,
-            # All zeros, as in HF's DT forward: with a cache GPT-2 would otherwise number new tokens
-            # past+0, past+1, ... and add position embeddings the model never saw in training.
-            position_ids=torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
-
-    def action_head(self, state_hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states of s tokens -> actions in the box (continuous) or logits (discrete)."""
-        out = self.model.predict_action(state_hidden)  # tanh'd when continuous
-        return out if self.spec.discrete else self.action_scaler(out)
-
-    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, K, ...) windows -> (B, K, act_dim): the prediction for a_t from the s_t token."""
-        b, k = mask.shape
-        tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
-        token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
-        hidden = self.encode(tokens, token_mask).reshape(b, k, 3, -1)
-        return self.action_head(hidden[:, :, 1])  # s_t tokens
-
-    def dt_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dt_loss(self, batch: WindowBatch) -> torch.Tensor:
         """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps."""
-        preds = self(batch["observations"], batch["actions"], batch["returns_to_go"], batch["timesteps"], batch["mask"])
-        mask = batch["mask"].float()
+        preds = self.policy(batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.mask)
+        mask = batch.mask.float()
         if self.spec.discrete:
-            per_step = F.cross_entropy(preds.flatten(0, 1), batch["actions"].flatten(), reduction="none").view_as(mask)
+            per_step = F.cross_entropy(preds.flatten(0, 1), batch.actions.flatten(), reduction="none").view_as(mask)
         else:
-            per_step = ((preds - batch["actions"]) ** 2).mean(-1)
+            per_step = ((preds - batch.actions) ** 2).mean(-1)
         return (per_step * mask).sum() / mask.sum().clamp(min=1)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: WindowBatch, batch_idx: int) -> torch.Tensor:
         loss = self.dt_loss(batch)
         self.log("train/dt_loss", loss, prog_bar=True)
         return loss
@@ -204,76 +224,20 @@ class DecisionTransformer(OfflineRLModule):
 
     # -- acting and evaluation ---------------------------------------------------------------------
 
+    @property
+    def eval_targets(self) -> list[float]:
+        """Target returns of an evaluation, the primary one first (see the `eval_targets` argument)."""
+        targets = self.hparams.eval_targets
+        return [float(t) for t in targets] if targets else default_targets(self.spec)
+
     def make_agent(self, num_envs: int, target_returns: Sequence[float] | float | None = None, use_cache: bool = True, next_step_autoreset: bool = True) -> DTAgent:
         """The policy over `num_envs` envs, each conditioned on its target return (default: the primary
-        eval target). Call `.eval()` first outside Lightning's validation, or dropout stays on.
+        eval target). Call `.eval()` first outside training, or dropout stays on.
         `next_step_autoreset`: the envs reset on the step after an episode ends (gymnasium's default)."""
         if target_returns is None:
             target_returns = self.eval_targets[0]
         targets = np.broadcast_to(np.asarray(target_returns, dtype=np.float64), (num_envs,))
-        return DTAgent(self, targets, use_cache=use_cache, next_step_autoreset=next_step_autoreset)
-
-    def evaluate_targets(self, seeds: list[int], targets: Sequence[float]) -> np.ndarray:
-        """(len(targets), len(seeds)) returns: every target on the same seeds, all in one vector env."""
-        n = len(seeds)
-        env = make_vector_env(self.spec, len(targets) * n)
-        try:
-            next_step = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
-            agent = self.make_agent(len(targets) * n, np.repeat(np.asarray(targets, dtype=np.float64), n), next_step_autoreset=next_step)
-            returns, _ = rollout(agent, env, list(seeds) * len(targets))
-        finally:
-            env.close()
-        return returns.reshape(len(targets), n)
-
-    def evaluate(self, seeds: list[int]) -> np.ndarray:
-        return self.evaluate_targets(seeds, self.eval_targets[:1])[0]
-
-    def _evaluate_and_log(self, prefix: str, seeds: list[int]) -> None:
-        returns = self.evaluate_targets(seeds, self.eval_targets)
-        has_refs = self.spec.ref_min_score is not None and self.spec.ref_max_score is not None
-        for target, r in zip(self.eval_targets, returns):
-            self.log(f"{prefix}/return/target_{target:g}", float(r.mean()), sync_dist=True, batch_size=len(r))
-            if has_refs:
-                score = float(np.mean(self.spec.normalized_score(r)))
-                self.log(f"{prefix}/normalized_score/target_{target:g}", score, sync_dist=True, batch_size=len(r))
-        self.log_returns(prefix, returns[0])  # the primary target as <prefix>/return, <prefix>/normalized_score
-        self._eval_returns.append(torch.as_tensor(returns, dtype=torch.float64, device=self.device))
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_returns: list[torch.Tensor] = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate_and_log("eval", seeds.tolist())
-
-    def test_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate_and_log("test", seeds.tolist())
-
-    def on_validation_epoch_end(self) -> None:
-        self._save_conditioning_plot("eval")
-
-    def on_test_epoch_end(self) -> None:
-        self._save_conditioning_plot("test")
-
-    def _save_conditioning_plot(self, prefix: str) -> None:
-        """Achieved vs target return of this evaluation as return_conditioning[_test].png in the logger's dir."""
-        if not getattr(self, "_eval_returns", None):
-            return
-        local = torch.cat(self._eval_returns, dim=1)  # (targets, episodes on this rank)
-        returns = self.all_gather(local)
-        if returns.dim() == 3:  # (world, targets, episodes) under DDP
-            returns = returns.permute(1, 0, 2).flatten(1)
-        self._write_plot(prefix, returns.cpu().numpy())
-
-    @rank_zero_only
-    def _write_plot(self, prefix: str, returns: np.ndarray) -> None:
-        if self.trainer.logger is None or self.trainer.log_dir is None:  # no run folder to write into
-            return
-        log_dir = Path(self.trainer.log_dir)
-        name = "return_conditioning" + ("" if prefix == "eval" else f"_{prefix}")
-        title = f"{self.spec.dataset_id}, step {self.global_step}"
-        plot_return_conditioning(self.eval_targets, returns, log_dir / f"{name}.png", self.spec, title)
+        return DTAgent(self.policy, targets, use_cache=use_cache, next_step_autoreset=next_step_autoreset)
 
 
 def default_targets(spec) -> list[float]:
@@ -297,16 +261,16 @@ class DTAgent:
     context is re-encoded every step: the reference the cached path must reproduce.
     """
 
-    def __init__(self, model: DecisionTransformer, target_returns: np.ndarray, use_cache: bool = True, next_step_autoreset: bool = True) -> None:
-        self.model, self.use_cache, self.next_step_autoreset = model, use_cache, next_step_autoreset
+    def __init__(self, policy: DTPolicy, target_returns: np.ndarray, use_cache: bool = True, next_step_autoreset: bool = True) -> None:
+        self.model, self.use_cache, self.next_step_autoreset = policy, use_cache, next_step_autoreset
         self.targets = np.asarray(target_returns, dtype=np.float64)
-        n, k, dev = len(self.targets), model.context_len, model.device
+        n, k, dev = len(self.targets), policy.context_len, policy.obs_mean.device
         self.n, self.k, self.device = n, k, dev
-        self.observations = torch.zeros(n, k, model.obs_dim, device=dev)
-        if model.spec.discrete:
+        self.observations = torch.zeros(n, k, policy.obs_dim, device=dev)
+        if policy.discrete:
             self.actions = torch.zeros(n, k, dtype=torch.long, device=dev)
         else:
-            self.actions = torch.full((n, k, model.act_dim), PAD_ACTION, device=dev)
+            self.actions = torch.full((n, k, policy.act_dim), PAD_ACTION, device=dev)
         self.returns_to_go_ctx = torch.zeros(n, k, 1, device=dev)
         self.timesteps_ctx = torch.zeros(n, k, dtype=torch.long, device=dev)
         self.length = np.zeros(n, dtype=np.int64)  # steps in each env's context
@@ -324,7 +288,7 @@ class DTAgent:
         for buf in (self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx):
             buf.copy_(torch.roll(buf, -1, dims=1))
         self.observations[:, -1] = observations
-        self.actions[:, -1] = 0 if self.model.spec.discrete else PAD_ACTION  # a_t is unknown yet (and unseen by s_t)
+        self.actions[:, -1] = 0 if self.model.discrete else PAD_ACTION  # a_t is unknown yet (and unseen by s_t)
         self.returns_to_go_ctx[:, -1, 0] = torch.as_tensor(self.returns_to_go, dtype=torch.float32, device=self.device)
         self.timesteps_ctx[:, -1] = torch.as_tensor(self.timestep, device=self.device)
         self.length += 1
@@ -344,7 +308,7 @@ class DTAgent:
             preds = m(self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx, self._step_mask())[:, -1]
         else:
             preds = self._act_cached(restarted)
-        actions = preds.argmax(-1) if m.spec.discrete else preds.float()  # float: bf16 under autocast
+        actions = preds.argmax(-1) if m.discrete else preds.float()  # float: bf16 under autocast
         self.actions[:, -1] = actions
         return actions.cpu().numpy()
 
@@ -401,37 +365,3 @@ class DTAgent:
             self.length[start_over] = 0
             if self.kv is not None:
                 self.kv_mask[torch.as_tensor(start_over, device=self.device)] = 0
-
-
-def plot_return_conditioning(targets: Sequence[float], returns: np.ndarray, path: str | Path, spec=None, title: str = "") -> Path:
-    """PNG of achieved vs target return (mean ± std over episodes), with the y = x line and the
-    data's return range; a JSON of the numbers is written beside it. returns: (targets, episodes)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    targets = np.asarray(targets, dtype=np.float64)
-    returns = np.asarray(returns, dtype=np.float64).reshape(len(targets), -1)
-    order = np.argsort(targets)
-    t, mean, std = targets[order], returns.mean(1)[order], returns.std(1)[order]
-    fig = Figure(figsize=(5.5, 4.5))
-    ax = fig.subplots()
-    lo, hi = min(t.min(), mean.min()), max(t.max(), mean.max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = target")
-    if spec is not None:
-        ax.axhspan(spec.return_min, spec.return_max, color="grey", alpha=0.15, label="returns in the data (min to max)")
-        ax.axhline(spec.return_mean, color="grey", lw=1, label="mean return in the data")
-        if spec.ref_max_score is not None:
-            ax.axhline(spec.ref_max_score, color="green", lw=1, ls=":", label="expert reference")
-    ax.errorbar(t, mean, yerr=std, marker="o", capsize=3, label=f"achieved (mean ± std, {returns.shape[1]} episodes)")
-    ax.set_xlabel("target return")
-    ax.set_ylabel("achieved return")
-    ax.set_title(title or "Return conditioning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    record = {"title": title, "targets": t.tolist(), "return_mean": mean.tolist(), "return_std": std.tolist(), "returns": returns[order].tolist()}
-    if spec is not None and spec.ref_min_score is not None and spec.ref_max_score is not None:
-        record["normalized_score_mean"] = [float(np.mean(spec.normalized_score(r))) for r in returns[order]]
-    path.with_suffix(".json").write_text(json.dumps(record))
-    return path

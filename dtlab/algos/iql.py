@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, soft_update
-from dtlab.value_based import Batch, ValueBasedModule
+from dtlab.algos.actor_critic import ActorCriticModule, Batch
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -31,7 +31,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     return (weight * diff.pow(2)).mean()
 
 
-class IQL(ValueBasedModule):
+class IQL(ActorCriticModule):
     """Implicit Q-learning: expectile V, twin Q (target = min of a Polyak copy), AWR policy.
 
     All three losses are computed from the same parameters, then each network takes its step
@@ -84,7 +84,7 @@ class IQL(ValueBasedModule):
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
         actor_cls = DeterministicActor if deterministic_actor else GaussianActor
-        self.actor = actor_cls(self.obs_dim, self.act_dim, actor_hidden_dims, dropout=actor_dropout)
+        self.policy = self.make_policy(actor_cls(self.obs_dim, self.act_dim, actor_hidden_dims, dropout=actor_dropout))
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.critic_target = frozen_copy(self.critic)
         self.value = ValueNetwork(self.obs_dim, value_hidden_dims)
@@ -96,32 +96,32 @@ class IQL(ValueBasedModule):
     def value_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """L_V = E[L₂^τ(min_i Q'_i(s, a) − V(s))]. Returns (loss, advantage A = Q' − V, detached)."""
         with torch.no_grad():
-            target_q = self.critic_target(batch["observations"], batch["actions"]).min(0).values
-        advantage = target_q - self.value(batch["observations"])
+            target_q = self.critic_target(batch.observations, batch.actions).min(0).values
+        advantage = target_q - self.value(batch.observations)
         return expectile_loss(advantage, self.hparams.expectile), advantage.detach()
 
     @torch.no_grad()
     def td_target(self, batch: Batch) -> torch.Tensor:
         """y = r + γ (1 − terminal) V(s'): (B,). A truncated transition (terminal 0) bootstraps."""
-        return batch["rewards"] + self.hparams.discount * (1.0 - batch["terminals"]) * self.value(batch["next_observations"])
+        return batch.rewards + self.hparams.discount * (1.0 - batch.terminals) * self.value(batch.next_observations)
 
     def critic_loss(self, batch: Batch) -> torch.Tensor:
         """L_Q = mean_i E[(Q_i(s, a) − y)²]  (CORL averages the twin losses)."""
-        q = self.critic(batch["observations"], batch["actions"])  # (n, B)
+        q = self.critic(batch.observations, batch.actions)  # (n, B)
         return (q - self.td_target(batch)).pow(2).mean()
 
     def actor_loss(self, batch: Batch, advantage: torch.Tensor) -> torch.Tensor:
         """L_π = E[min(exp(β A), max_weight) · (−log π(a|s))]; for the deterministic policy ‖π(s) − a‖²."""
         weights = torch.exp(self.hparams.beta * advantage).clamp(max=self.hparams.max_weight)
         if self.hparams.deterministic_actor:
-            bc_losses = (self.actor(batch["observations"]) - batch["actions"]).pow(2).sum(-1)
+            bc_losses = (self.actor(batch.observations) - batch.actions).pow(2).sum(-1)
         else:
-            bc_losses = -self.actor.log_prob(batch["observations"], batch["actions"])
+            bc_losses = -self.actor.log_prob(batch.observations, batch.actions)
         return (weights * bc_losses).mean()
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = ()) -> dict[str, torch.Tensor]:
+    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
         """One IQL iteration on a prepared batch: π, Q and V steps, cosine actor LR, Polyak update.
         `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         value_loss, advantage = self.value_loss(batch)

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, soft_update
-from dtlab.value_based import Batch, ValueBasedModule
+from dtlab.algos.actor_critic import ActorCriticModule, Batch
 
 
-class TD3BC(ValueBasedModule):
+class TD3BC(ActorCriticModule):
     """TD3+BC with a deterministic tanh actor and a batched twin-critic ensemble.
 
-    One training batch = one critic update; the actor and all target networks move every
-    `policy_delay` batches (so Lightning's global_step grows by 1 + 1/policy_delay per batch).
+    One training batch = one update = one global step: a critic step, plus an actor step and the
+    Polyak updates of all target networks on every `policy_delay`-th update.
 
     Args:
         spec: dataset spec (linked from the DataModule by the CLI).
@@ -64,10 +64,9 @@ class TD3BC(ValueBasedModule):
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.actor = DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims)
+        self.policy = self.make_policy(DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims))
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.actor_target, self.critic_target = frozen_copy(self.actor), frozen_copy(self.critic)
-        self.num_updates = 0  # critic updates so far (checkpointed): drives the policy delay
         if compile:
             self.compile_losses("critic_loss", "actor_loss")
 
@@ -76,30 +75,30 @@ class TD3BC(ValueBasedModule):
     @torch.no_grad()
     def td_target(self, batch: Batch) -> torch.Tensor:
         """y = r + γ (1 − terminal) min_i Q'_i(s', clip(π'(s') + clip(ε, ±c), ±1)),  ε ~ N(0, σ²): (B,)."""
-        next_obs = batch["next_observations"]
+        next_obs = batch.next_observations
         next_action = self.actor_target(next_obs)
         noise = (torch.randn_like(next_action) * self.hparams.policy_noise).clamp(-self.hparams.noise_clip, self.hparams.noise_clip)
         next_action = (next_action + noise).clamp(-1.0, 1.0)
         next_q = self.critic_target(next_obs, next_action).min(0).values
-        return batch["rewards"] + self.hparams.discount * (1.0 - batch["terminals"]) * next_q
+        return batch.rewards + self.hparams.discount * (1.0 - batch.terminals) * next_q
 
     def critic_loss(self, batch: Batch) -> torch.Tensor:
         """Σ_i E[(Q_i(s, a) − y)²]  (the twin critics' MSE, summed as in TD3)."""
-        q = self.critic(batch["observations"], batch["actions"])  # (n, B)
+        q = self.critic(batch.observations, batch.actions)  # (n, B)
         return (q - self.td_target(batch)).pow(2).mean(1).sum()
 
     def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """−λ mean Q₁(s, π(s)) + mean (π(s) − a)²,  λ = α / mean|Q₁(s, π(s))| detached. Returns (loss, λ).
 
         Q is evaluated with detached critic weights: this loss moves the actor only."""
-        pi = self.actor(batch["observations"])
-        q = self.critic(batch["observations"], pi, detach_params=True, first=1)[0]
+        pi = self.actor(batch.observations)
+        q = self.critic(batch.observations, pi, detach_params=True, first=1)[0]
         lmbda = self.hparams.alpha / q.abs().mean().detach()
-        return -lmbda * q.mean() + F.mse_loss(pi, batch["actions"]), lmbda
+        return -lmbda * q.mean() + F.mse_loss(pi, batch.actions), lmbda
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = ()) -> dict[str, torch.Tensor]:
+    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
         """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
         and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         actor_opt, critic_opt = optimizers
@@ -107,9 +106,8 @@ class TD3BC(ValueBasedModule):
         critic_opt.zero_grad(set_to_none=True)
         backward(critic_loss)
         critic_opt.step()
-        self.num_updates += 1
         metrics = {"critic_loss": critic_loss.detach()}
-        if self.num_updates % self.hparams.policy_delay == 0:
+        if (step + 1) % self.hparams.policy_delay == 0:
             actor_loss, lmbda = self.actor_loss(batch)
             actor_opt.zero_grad(set_to_none=True)
             backward(actor_loss)
@@ -119,15 +117,8 @@ class TD3BC(ValueBasedModule):
             metrics |= {"actor_loss": actor_loss.detach(), "lambda": lmbda}
         return metrics
 
-
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
             torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
             torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
         ]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["num_updates"] = self.num_updates
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.num_updates = checkpoint.get("num_updates", 0)

@@ -1,0 +1,172 @@
+"""Lightning callbacks every dtlab run uses: environment evaluation, the divergence guard, exact resume.
+
+The LightningModules keep networks and losses only; what a run does around them lives here.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import CatMetric
+from tqdm.auto import tqdm
+
+from dtlab.envs import make_vector_env, rollout
+from dtlab.plots import plot_return_conditioning
+
+
+def episode_seeds(seed: int, episodes: int) -> list[int]:
+    """The reset seeds of an evaluation's episodes: the same for every evaluation of a run."""
+    return [1_000_003 * seed + i for i in range(episodes)]
+
+
+@torch.no_grad()
+def evaluate_returns(module: L.LightningModule, seeds: Sequence[int], targets: Sequence[float] | None = None, progress: bool = False) -> np.ndarray:
+    """Greedy returns of one episode per seed, all in one vector env: (len(seeds),), or with `targets`
+    (return-conditioned models) (len(targets), len(seeds)), every target on the same seeds."""
+    n, k = len(seeds), 1 if targets is None else len(targets)
+    env = make_vector_env(module.spec, n * k)
+    was_training = module.training
+    module.eval()
+    bar = tqdm(total=n * k, desc="evaluating", unit="episode", leave=False, disable=not progress)
+    try:
+        if targets is None:
+            agent = module.make_agent(n)
+        else:
+            next_step = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
+            agent = module.make_agent(n * k, np.repeat(np.asarray(targets, dtype=np.float64), n), next_step_autoreset=next_step)
+        returns, _ = rollout(agent, env, list(seeds) * k, on_episode_end=bar.update)
+    finally:
+        bar.close()
+        env.close()
+        module.train(was_training)
+    return returns if targets is None else returns.reshape(k, n)
+
+
+class EnvEvaluation(Callback):
+    """Scores the policy in its dataset's environment at the end of every `every_n_epochs`-th training
+    epoch and of the last one: `eval/return` and, where the data has reference returns,
+    `eval/normalized_score` (0 = random policy, 100 = expert). A Decision Transformer is evaluated at
+    each of its target returns (`eval/return/target_<R>`, its first target as `eval/return`) and
+    the run folder gets an achieved-vs-target plot, `return_conditioning.png`.
+
+    Episodes are split across ranks (episode i on rank i mod world size) and gathered, so each is
+    counted once. The environment is built once before training, so a missing dependency fails early.
+
+    Args:
+        episodes: episodes per evaluation (per target for return-conditioned models); 0 disables evaluation.
+        every_n_epochs: evaluate every n training epochs (an epoch is data.steps_per_epoch updates).
+        seed: episode i is reset with seed 1_000_003 · seed + i, the same at every evaluation.
+    """
+
+    def __init__(self, episodes: int = 10, every_n_epochs: int = 1, seed: int = 0) -> None:
+        if episodes < 0 or every_n_epochs < 1:
+            raise ValueError(f"evaluation: episodes must be >= 0 and every_n_epochs >= 1, got {episodes} and {every_n_epochs}.")
+        self.episodes, self.every_n_epochs, self.seed = episodes, every_n_epochs, seed
+
+    def enabled(self, module: L.LightningModule) -> bool:
+        return self.episodes > 0 and module.spec.env_spec is not None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled(pl_module):
+            make_vector_env(pl_module.spec, 1).close()  # fail now, not after training
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = trainer.current_epoch + 1 >= trainer.max_epochs or 0 < trainer.max_steps <= trainer.global_step
+        if self.enabled(pl_module) and ((trainer.current_epoch + 1) % self.every_n_epochs == 0 or last):
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seeds = episode_seeds(self.seed, self.episodes)[trainer.global_rank :: trainer.world_size]
+        targets = getattr(pl_module, "eval_targets", None)
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        local = evaluate_returns(pl_module, seeds, targets, progress=progress) if seeds else np.zeros((len(targets or [0]), 0))
+        gathered = CatMetric(nan_strategy="disable").to(pl_module.device)  # every rank's episodes, each once
+        gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(-1, len(seeds)).T)
+        returns = gathered.compute().reshape(-1, 1 if targets is None else len(targets)).T.cpu().numpy()  # (targets, episodes)
+        spec = pl_module.spec
+        has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
+        metrics = {"eval/return": returns[0].mean()}
+        if has_refs:
+            metrics["eval/normalized_score"] = np.mean(spec.normalized_score(returns[0]))
+        for target, r in zip(targets or [], returns):
+            metrics[f"eval/return/target_{target:g}"] = r.mean()
+            if has_refs:
+                metrics[f"eval/normalized_score/target_{target:g}"] = np.mean(spec.normalized_score(r))
+        for name, value in metrics.items():  # identical on every rank: no further reduction
+            pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"))
+        if targets is not None and trainer.is_global_zero and trainer.log_dir is not None:
+            title = f"{spec.dataset_id}, update {trainer.global_step}"
+            plot_return_conditioning(targets, returns, Path(trainer.log_dir) / "return_conditioning.png", spec, title)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if "eval/return" in metrics:
+            line = f"Final evaluation after {trainer.global_step} updates: eval/return = {float(metrics['eval/return']):.1f}"
+            if "eval/normalized_score" in metrics:
+                line += f", eval/normalized_score = {float(metrics['eval/normalized_score']):.1f}"
+            rank_zero_info(line)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or parameter."""
+
+
+class DivergenceGuard(Callback):
+    """Stops training at the first non-finite loss, and refuses to write a checkpoint with a non-finite
+    tensor, so the last checkpoint on disk is always the last good one."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        losses = outputs if isinstance(outputs, dict) else {"loss": outputs}
+        losses = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor)}
+        if losses and not torch.stack([v.detach().float().reshape(()) for v in losses.values()]).isfinite().all():
+            bad = ", ".join(f"{k} = {float(v):g}" for k, v in losses.items() if not torch.isfinite(v).all())
+            raise DivergenceError(self.message(trainer, pl_module, f"update {trainer.global_step} gave {bad}"))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for name, tensor in checkpoint["state_dict"].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise DivergenceError(self.message(trainer, pl_module, f"parameter {name} is non-finite after update {trainer.global_step}"))
+
+    @staticmethod
+    def message(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        return (
+            f"{type(pl_module).__name__} diverged: {what}. Training stopped; no checkpoint of the diverged model was "
+            f"written (last good checkpoint: {checkpoint}). Lower the learning rates, check the data's scale, or "
+            "resume from the last good checkpoint with another seed."
+        )
+
+
+class ExactResume(Callback):
+    """Saves every random number generator the run draws from (torch CPU and CUDA, numpy, random) with
+    the checkpoint and restores them on resume. With the DataModule's update-indexed batch stream, a
+    resumed run repeats the uninterrupted one exactly on CPU."""
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        version, state, gauss = random.getstate()
+        out = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "random": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+        }
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state_all()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        r = state["random"]
+        random.setstate((r["version"], tuple(int(x) for x in r["state"]), r["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,97 @@
+"""Checkpoints that can be trusted: written atomically and verified, loaded without running code.
+
+A checkpoint is written to a temporary file in its own directory, read back with `weights_only=True`,
+and renamed over the target (atomic on one filesystem), so a killed run leaves either the old file or
+the new one, never a truncated one. Loading reads tensors and plain data only (`weights_only=True`) and
+builds the class named in the file from dtlab's registry, never from an import path the file carries.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dtlab.algos import ALGORITHMS, OfflineRLModule
+
+TMP_MARK = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what is wrong."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint's contents, tensors and plain data only: a pickled object is refused, never run."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint {path} does not exist.") from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Checkpoint {path} holds pickled Python objects, which dtlab never loads (they could run code): "
+            f"{str(err).splitlines()[0]}. Only load checkpoints written by dtlab."
+        ) from None
+    except (EOFError, RuntimeError) as err:
+        raise CheckpointError(f"Checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}). Use an earlier checkpoint.") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> OfflineRLModule:
+    """Any dtlab checkpoint as its model, ready to act (`.policy`, `.make_agent`): no config, no dataset."""
+    checkpoint = read_checkpoint(path, map_location)
+    name = checkpoint.get("dtlab_algorithm")
+    if name not in ALGORITHMS:
+        raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {name!r}; known: {', '.join(ALGORITHMS)}).")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # the CLI's own notes
+    model = ALGORITHMS[name](**hparams)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.to(map_location)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary checkpoint files left by processes that no longer run."""
+    for tmp in directory.glob(f".*{TMP_MARK}*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[-1]), 0)
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, made atomic and verified (writes) and safe (reads)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            read_checkpoint(tmp)  # verified loadable before it replaces anything
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+def newest_complete_checkpoint(run_dir: Path) -> tuple[Path, Path] | None:
+    """(checkpoint, version dir) of the newest readable `last.ckpt` under run_dir/version_*/checkpoints."""
+    candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for ckpt in candidates:
+        try:
+            read_checkpoint(ckpt)
+        except CheckpointError:
+            continue
+        return ckpt, ckpt.parent.parent
+    return None

@@ -1,0 +1,112 @@
+"""The one LightningDataModule every algorithm trains from.
+
+The model states what it trains on with a `BatchFormat` (dtlab.data.samplers); the DataModule turns it
+into a `Sampler` over in-memory or memory-mapped tensors and serves one batch per update. Batch k of
+rank r is drawn from a generator seeded by (seed, r, k): the stream is a pure function of the update
+count, so runs repeat, ranks differ, and a resumed run (from any update) continues the same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dtlab.data.convert import load_columns
+from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions
+
+# BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
+# where Lightning's warning about __len__ with several workers does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, rank, update, ...) that does not collide for nearby tuples."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class BatchStream(IterableDataset):
+    """Endless batches from `sampler`, batch k seeded by (seed, rank, k), starting at update `start()`.
+
+    `__len__` is one epoch (`steps` batches) so progress bars know it; Lightning stops each epoch after
+    that many batches and starts a new iterator at the next update, also after a resume mid-epoch."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, steps: int, seed: int, rank: int, start: Callable[[], int]) -> None:
+        self.sampler, self.batch_size, self.steps, self.seed, self.rank, self.start = sampler, batch_size, steps, seed, rank, start
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, update: int) -> Batch:
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, update))
+        return self.sampler.sample(self.batch_size, generator)
+
+    def __iter__(self) -> Iterator[Batch]:
+        update = self.start()
+        while True:
+            yield self.batch(update)
+            update += 1
+
+
+class OfflineDataModule(L.LightningDataModule):
+    """Serves a Minari dataset (converted to cached Arrow) as transition batches or DT windows.
+
+    Args:
+        dataset_id: Minari id, e.g. ``halfcheetah/medium-v0`` (local through MINARI_DATASETS_PATH), or a
+            mixture of datasets of one environment joined by "+", e.g.
+            ``halfcheetah/medium-v0+halfcheetah/expert-v0`` (D4RL's medium-expert; held in memory).
+        batch_size: samples per update on each process (transitions, or windows for sequence models);
+            under DDP the global batch is batch_size × world size.
+        steps_per_epoch: updates per training epoch (evaluation and checkpoints happen at epoch ends).
+        seed: seeds the batch stream (with the rank and the update number).
+        in_memory: copy the data into RAM (fastest); False indexes the memory-mapped Arrow file.
+    """
+
+    def __init__(
+        self,
+        dataset_id: str = "pendulum/scripted-v0",
+        batch_size: int = 256,
+        steps_per_epoch: int = 1000,
+        seed: int = 0,
+        in_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value}.")
+        self.save_hyperparameters()
+        self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
+        self.seed, self.in_memory = seed, in_memory
+        self._transitions: Transitions | None = None
+
+    @property
+    def transitions(self) -> Transitions:
+        if self._transitions is None:
+            columns, spec = load_columns(self.dataset_id, COLUMNS)
+            self._transitions = Transitions(columns, spec, self.in_memory)
+        return self._transitions
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """Dataset dimensions, normalisation and references, linked into the model by the CLI."""
+        return self.transitions.spec.to_dict()
+
+    def batch_format(self) -> BatchFormat:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return model.batch_format if model is not None else BatchFormat()
+
+    def sampler(self) -> Sampler:
+        return OfflineSampler(self.transitions, self.batch_format())
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
+        stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, rank, start)
+        return DataLoader(stream, batch_size=None, num_workers=0)
