@@ -102,9 +102,10 @@ class EnvEvaluation(Callback):
                 metrics[f"eval/normalized_score/target_{target:g}"] = np.mean(spec.normalized_score(r))
         for name, value in metrics.items():  # identical on every rank: no further reduction
             pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"))
-        if targets is not None and trainer.is_global_zero and trainer.log_dir is not None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if targets is not None and trainer.is_global_zero and log_dir is not None:
             title = f"{spec.dataset_id}, update {trainer.global_step}"
-            plot_return_conditioning(targets, returns, Path(trainer.log_dir) / "return_conditioning.png", spec, title)
+            plot_return_conditioning(targets, returns, Path(log_dir) / "return_conditioning.png", spec, title)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics

@@ -31,6 +31,8 @@ BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "base.yaml"
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # dtlab's batch stream is indexed by the update, so a checkpoint saved mid-epoch resumes exactly.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+# A resumed run continues its own folder: dtlab's CSVLogger keeps the rows Lightning's warning says it deletes.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class DTLabCLI(LightningCLI):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.core.optimizer import do_nothing_closure
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from dtlab.algos.base import OfflineRLModule
@@ -57,6 +58,14 @@ class ActorCriticModule(OfflineRLModule):
 
     def make_policy(self, actor: nn.Module) -> Policy:
         return Policy(actor, self.spec)
+
+    def setup(self, stage: str) -> None:
+        # Under DDP every backward must reach every trainable parameter unless DDP is told otherwise: the
+        # actor-critic updates backpropagate one loss per network (TD3+BC's critic-only updates reach no
+        # actor), so DDP looks for unused parameters in each backward, whatever strategy name was given.
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def compile_losses(self, *names: str) -> None:
         """torch.compile these loss methods: the update's compute; the optimiser steps stay eager."""

@@ -7,14 +7,16 @@ the middle never leaves a cache that a later run takes for complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import datasets
 import gymnasium as gym
@@ -49,15 +51,15 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
     if not dataset_dir(dataset_id).exists() and dataset_id in EMBEDDED_DATASETS:
         EMBEDDED_DATASETS[dataset_id]()
     if not dataset_dir(dataset_id).exists():
+        local = ", ".join(local_dataset_ids()) or "none"
+        where = f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, or build one with `python tools/make_dataset.py`."
+        if not hub_reachable():  # Minari would retry for ~25 s before failing
+            raise DatasetError(f"Dataset '{dataset_id}' is not in {minari_root()}, and the HuggingFace Hub (Minari's remote) cannot be reached to download it. {where}")
         try:
             minari.download_dataset(dataset_id)
-        except Exception as err:  # no network, unknown remote id, ...
-            local = ", ".join(local_dataset_ids()) or "none"
-            raise DatasetError(
-                f"Dataset '{dataset_id}' is not in {minari_root()} and could not be downloaded ({type(err).__name__}: {err}). "
-                f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, "
-                f"or build one with `python tools/make_dataset.py`."
-            ) from err
+        except Exception as err:  # unknown remote id, ...
+            raise DatasetError(f"Dataset '{dataset_id}' is not in {minari_root()} and could not be downloaded ({type(err).__name__}: {err}). {where}") from None
+    _check_metadata(dataset_id)
     try:
         return minari.load_dataset(dataset_id)
     except Exception as err:
@@ -65,6 +67,35 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
             f"Dataset '{dataset_id}' at {dataset_dir(dataset_id)} could not be opened: it is corrupt or truncated "
             f"({type(err).__name__}: {err}). Delete that folder and download or regenerate the dataset."
         ) from err
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace Hub (where Minari's remote datasets live) answers, within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_metadata(dataset_id: str) -> None:
+    """A missing or unreadable metadata.json, named as such (Minari says "No data found" or a bare JSON error)."""
+    path = dataset_dir(dataset_id) / "metadata.json"
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"Dataset '{dataset_id}': {path} is missing. Restore it, or delete {dataset_dir(dataset_id).parent} and regenerate the dataset.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"Dataset '{dataset_id}': {path} is not valid JSON ({err}). Fix the file, or regenerate the dataset.") from None
+    if not isinstance(metadata, dict):
+        raise DatasetError(f"Dataset '{dataset_id}': {path} must hold a JSON object, found {type(metadata).__name__}.")
 
 
 def _flatten(obs: Any, space: gym.Space) -> np.ndarray:
@@ -203,20 +234,51 @@ def _remove_stale_partials(final: Path) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _check_cache_dir(root: Path, dataset_id: str) -> None:
+    """The conversion cache can be written and has room for the converted copy, or one clear error."""
+    fix = "Set DTLAB_CACHE_DIR to a writable folder with room"
+    needed = 2 * sum(p.stat().st_size for p in dataset_dir(dataset_id).rglob("*") if p.is_file())  # Arrow is ~the size of the raw data
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror}). {fix}.") from None
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {fix}.")
+
+
 def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
     """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use."""
     ds = load_minari(dataset_id)
     fp = fingerprint(dataset_id)
     final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
     if not (final / SPEC_FILE).exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _check_cache_dir(final.parent, dataset_id)
         _remove_stale_partials(final)
         partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             arrays = _episode_arrays(dataset_id, ds)
             spec = _spec(dataset_id, ds, arrays, fp)
-            datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
-            (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
+            try:
+                with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
+                    datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
+                (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
+            except OSError as err:
+                raise DatasetError(f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room.") from None
             try:
                 os.rename(partial, final)
             except OSError:  # another process finished the same conversion first

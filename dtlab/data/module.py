@@ -109,4 +109,6 @@ class OfflineDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
         stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, rank, start)
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        # A generator of its own: each new iterator (every epoch, and on resume) would otherwise draw a
+        # seed from the global torch RNG that the algorithms' sampling uses.
+        return DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator())

@@ -1,0 +1,150 @@
+"""The contract every algorithm keeps, parametrised over every shipped config (conf/<algo>.yaml).
+
+Adding an algorithm adds a config and a row to TINY: nothing else here names an algorithm.
+
+- updates are the unit: `max_steps N` runs exactly N updates, logs them, evaluates at epoch ends, and
+  `last.ckpt` holds global_step N;
+- a checkpoint alone acts: `load_checkpoint` in a fresh process gives the same actions;
+- 2-process CPU DDP fits;
+- resume is exact: N/2 updates + resume reaches the parameters, optimiser state and training metrics of N
+  straight updates, bit for bit on CPU, from a checkpoint in the middle of an epoch or at its end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtlab.checkpoints import load_checkpoint, read_checkpoint
+from dtlab.cli import run_cli
+
+CONF = Path(__file__).parents[1] / "conf"
+CONFIGS = sorted(p.name for p in CONF.glob("*.yaml") if p.name != "base.yaml")
+
+# Small networks per algorithm (class name -> model overrides), so every contract test runs in seconds.
+TINY = {
+    "BC": {"hidden_dims": [16, 16]},
+    "TD3BC": {"actor_hidden_dims": [16, 16], "critic_hidden_dims": [16, 16]},
+    "IQL": {"actor_hidden_dims": [16, 16], "critic_hidden_dims": [16, 16], "value_hidden_dims": [16, 16]},
+    "CQL": {"actor_hidden_dims": [16, 16], "critic_hidden_dims": [16, 16], "cql_n_actions": 2},
+    "CalQL": {"actor_hidden_dims": [16, 16], "critic_hidden_dims": [16, 16], "cql_n_actions": 2},
+    "DecisionTransformer": {"context_len": 4, "embed_dim": 16, "n_layer": 1, "n_head": 1, "eval_targets": [-150.0, -600.0]},
+}
+
+
+def class_name(config: str) -> str:
+    import yaml
+
+    return yaml.safe_load((CONF / config).read_text())["model"]["class_path"].rsplit(".", 1)[-1]
+
+
+def test_every_algorithm_has_a_tiny_row():
+    from dtlab.algos import ALGORITHMS
+
+    assert {class_name(c) for c in CONFIGS} == set(TINY) == set(ALGORITHMS)
+
+
+def fit(config: str, dataset_id: str, runs: Path, *extra: str):
+    tiny = [arg for key, value in TINY[class_name(config)].items() for arg in (f"--model.init_args.{key}", json.dumps(value))]
+    return run_cli([
+        "fit", "-c", str(CONF / config), *tiny, "--data.dataset_id", dataset_id, "--data.batch_size", "16",
+        "--evaluation.episodes", "2", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--runs_dir", str(runs), *extra,
+    ])
+
+
+def train_rows(run_dir: Path) -> dict[int, dict[str, str]]:
+    """metrics.csv rows of training metrics, by logged step."""
+    with open(next(run_dir.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f)]
+    return {int(r["step"]): {k: v for k, v in r.items() if k.startswith("train/") and v} for r in rows if any(k.startswith("train/") and v for k, v in r.items())}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_updates_are_the_unit_and_a_checkpoint_acts_alone(config, pendulum_id, tmp_path):
+    cli = fit(config, pendulum_id, tmp_path, "--trainer.max_steps", "6", "--data.steps_per_epoch", "3")
+    assert cli.trainer.global_step == 6
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    evaluated = [int(r["step"]) for r in rows if r.get("eval/return")]
+    assert evaluated == [2, 5], "one evaluation per epoch of 3 updates (steps are logged 0-based)"
+    assert max(int(r["step"]) for r in rows) == 5
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert read_checkpoint(last)["global_step"] == 6
+
+    model = cli.model.eval()
+    observations = np.random.default_rng(0).normal(size=(3, model.obs_dim)).astype(np.float32)
+    expected = model.make_agent(3).act(observations)
+    script = (
+        "import sys, json, numpy as np; from dtlab.checkpoints import load_checkpoint; "
+        "m = load_checkpoint(sys.argv[1]).eval(); obs = np.array(json.loads(sys.argv[2]), dtype=np.float32); "
+        "print(json.dumps(np.asarray(m.make_agent(3).act(obs), dtype=np.float64).tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(last), json.dumps(observations.tolist())], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_array_equal(np.array(json.loads(out.stdout.strip().splitlines()[-1])), np.asarray(expected, dtype=np.float64))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_two_process_ddp_fits(config, pendulum_id, tmp_path):
+    cli = fit(config, pendulum_id, tmp_path, "--trainer.max_steps", "4", "--data.steps_per_epoch", "4",
+              "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
+    assert cli.trainer.world_size == 2
+    assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 4
+
+
+@pytest.mark.parametrize("stop", [5, 6], ids=["mid-epoch", "epoch-end"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_resume_is_exact(config, stop, pendulum_id, tmp_path):
+    budget = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "100", "--trainer.max_steps", "9")
+    # the straight run also keeps a checkpoint after every update (epochs of 3: update 5 is mid-epoch, 6 ends one)
+    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
+             "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "at-{step}")
+    straight = fit(config, pendulum_id, tmp_path / "straight", *budget, *every)
+    ckpt = next((tmp_path / "straight").rglob(f"at-step={stop}.ckpt"))
+    resumed = fit(config, pendulum_id, tmp_path / "resumed", *budget, "--ckpt_path", str(ckpt))
+    assert resumed.trainer.global_step == 9
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"parameters differ after resume: {different}"
+    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers):
+        for s_a, s_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+            assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), "optimiser state differs after resume"
+    straight_rows, resumed_rows = train_rows(tmp_path / "straight"), train_rows(tmp_path / "resumed")
+    assert straight_rows and {s: straight_rows[s] for s in range(stop, 9)} == {s: resumed_rows[s] for s in range(stop, 9)}
+
+
+def test_ckpt_path_last_continues_the_newest_complete_run(pendulum_id, tmp_path):
+    budget = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "2")
+    fit("bc.yaml", pendulum_id, tmp_path, *budget)
+    # a newer run folder whose last.ckpt was cut short by a kill: never picked
+    broken = tmp_path / "bc" / "version_1" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "last.ckpt").write_bytes(next(tmp_path.rglob("last.ckpt")).read_bytes()[:1000])
+    resumed = fit("bc.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "3", "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 9
+    assert read_checkpoint(tmp_path / "bc" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 9
+    assert len(list(tmp_path.rglob("metrics.csv"))) == 1
+    assert sorted(train_rows(tmp_path)) == list(range(9)), "the rows before the resume are kept, the new ones follow"
+
+
+def test_resume_last_without_a_checkpoint_says_so(pendulum_id, tmp_path):
+    from dtlab.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no complete checkpoint under"):
+        fit("bc.yaml", pendulum_id, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last")
+
+
+def test_checkpoint_from_a_fresh_process_refuses_other_files(tmp_path):
+    from dtlab.checkpoints import CheckpointError
+
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not a dtlab checkpoint"):
+        load_checkpoint(tmp_path / "foreign.ckpt")
