@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import CatMetric
@@ -66,7 +67,7 @@ class EnvEvaluation(Callback):
         seed: episode i is reset with seed 1_000_003 · seed + i, the same at every evaluation.
     """
 
-    def __init__(self, episodes: int = 10, every_n_epochs: int = 1, seed: int = 0) -> None:
+    def __init__(self, episodes: NonNegativeInt = 10, every_n_epochs: PositiveInt = 1, seed: int = 0) -> None:
         if episodes < 0 or every_n_epochs < 1:
             raise ValueError(f"evaluation: episodes must be >= 0 and every_n_epochs >= 1, got {episodes} and {every_n_epochs}.")
         self.episodes, self.every_n_epochs, self.seed = episodes, every_n_epochs, seed
@@ -138,7 +139,8 @@ class DivergenceGuard(Callback):
 
     @staticmethod
     def message(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
-        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        written = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
+        checkpoint = str(max(written, key=lambda p: p.stat().st_mtime)) if written else "none written yet"
         return (
             f"{type(pl_module).__name__} diverged: {what}. Training stopped; no checkpoint of the diverged model was "
             f"written (last good checkpoint: {checkpoint}). Lower the learning rates, check the data's scale, or "

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dtlab.algos import ALGORITHMS, OfflineRLModule
 from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume
-from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint
+from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
 from dtlab.data.module import OfflineDataModule
 from dtlab.spec import DatasetError
 
@@ -41,6 +41,14 @@ class DTLabCLI(LightningCLI):
         # Evaluation is a callback of `fit` (and `tools/evaluate.py` for a checkpoint): Lightning's
         # validate/test/predict loops have nothing to run here, so they are not offered.
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters before anything else: check the file first, so a
+        # pickled, truncated or foreign checkpoint gives dtlab's one clear error (and runs nothing).
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Dimensions, normalisation and references come from the data, never from the config.
@@ -115,7 +123,7 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
     )
 
 
-USER_ERRORS = (DatasetError, CheckpointError, DivergenceError)
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError)  # DatasetError covers SpecMismatchError
 
 
 def main() -> None:

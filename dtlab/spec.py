@@ -12,6 +12,10 @@ class DatasetError(ValueError):
     """Bad or missing dataset: the message names the dataset, what is wrong and what to do."""
 
 
+class SpecMismatchError(DatasetError):
+    """A model used with data or an environment of other spaces: the message names both."""
+
+
 @dataclasses.dataclass
 class DatasetSpec:
     """What a model must know about its data to act on its own: spaces, normalisation, references.
@@ -48,6 +52,17 @@ class DatasetSpec:
         if isinstance(d, DatasetSpec):
             return d
         return cls(**d)
+
+    def check_compatible(self, other: DatasetSpec, what: str) -> None:
+        """Raise SpecMismatchError unless `other` has this spec's observation and action spaces."""
+        fields = ("observation_dim", "action_dim", "discrete", "action_low", "action_high")
+        mine, theirs = ({f: getattr(s, f) for f in fields} for s in (self, other))
+        if mine != theirs:
+            differ = ", ".join(f"{f} {mine[f]} vs {theirs[f]}" for f in fields if mine[f] != theirs[f])
+            raise SpecMismatchError(
+                f"{what}: the model was trained on '{self.dataset_id}' and cannot be used with '{other.dataset_id}': "
+                f"their spaces differ ({differ}). Use data of the same environment and spaces."
+            )
 
     def normalized_score(self, returns: np.ndarray | float) -> np.ndarray | float:
         """D4RL-style score: 100 * (R - R_random) / (R_expert - R_random)."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import gymnasium as gym
-import h5py
 import minari
 import numpy as np
 import pytest
@@ -164,7 +162,7 @@ def test_discrete_actions(cartpole_id):
     assert column_to_numpy(hf, "terminals").any()  # CartPole falls: real terminations
 
 
-# ---- bad input: one clear error naming the dataset, nothing cached ----------------------------------
+# ---- bad input: one clear error naming the dataset, nothing cached (the cases: tests/test_reliability.py) --
 
 
 def assert_fails_cleanly(dataset_id: str, *fragments: str) -> None:
@@ -175,49 +173,3 @@ def assert_fails_cleanly(dataset_id: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in message, message
     assert not [e for e in cache_entries() if e.startswith(dataset_id.replace("/", "--"))]
-
-
-def test_unknown_dataset_lists_local_ids(pendulum_id):
-    with pytest.raises(DatasetError) as info:
-        load_trajectories("nowhere/missing-v0")
-    assert "nowhere/missing-v0" in str(info.value) and pendulum_id in str(info.value) and "MINARI_DATASETS_PATH" in str(info.value)
-
-
-@pytest.mark.parametrize("field", ["observations", "rewards"])
-def test_nan_or_inf_is_rejected(field):
-    bad = episode(6)
-    if field == "observations":
-        bad["observations"][3, 1] = np.nan
-    else:
-        bad["rewards"][2] = np.inf
-    write_dataset(f"unit/nonfinite-{field}-v0", [episode(4), bad])
-    assert_fails_cleanly(f"unit/nonfinite-{field}-v0", "episode 1", field, "NaN or inf", "step")
-
-
-def test_inconsistent_lengths_are_rejected():
-    bad = episode(6)
-    bad["observations"] = bad["observations"][:-2]
-    write_dataset("unit/lengths-v0", [bad])
-    assert_fails_cleanly("unit/lengths-v0", "episode 0", "inconsistent array lengths")
-
-
-def test_empty_episode_is_rejected():
-    write_dataset("unit/empty-v0", [episode(4)])
-    path = dataset_dir("unit/empty-v0")
-    with h5py.File(path / "main_data.hdf5", "a") as f:  # minari itself refuses to write an empty episode
-        group = f.create_group("episode_1")
-        group.attrs.update({"id": 1, "total_steps": 0})
-        group["observations"] = np.zeros((1, 3), np.float32)
-        for key, dtype in (("actions", np.float32), ("rewards", np.float64), ("terminations", bool), ("truncations", bool)):
-            group[key] = np.zeros((0, 1) if key == "actions" else (0,), dtype)
-    meta = json.loads((path / "metadata.json").read_text())
-    meta["total_episodes"] = 2
-    (path / "metadata.json").write_text(json.dumps(meta))
-    assert_fails_cleanly("unit/empty-v0", "episode 1", "empty")
-
-
-def test_truncated_file_is_rejected():
-    write_dataset("unit/truncated-v0", [episode(50, seed=i) for i in range(5)])
-    data = dataset_dir("unit/truncated-v0") / "main_data.hdf5"
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    assert_fails_cleanly("unit/truncated-v0", "corrupt or truncated")

@@ -43,6 +43,9 @@ def agent_factory(name: str, env_id: str, noise: float, seed: int) -> Callable[[
         from dtlab.checkpoints import load_checkpoint
 
         model = load_checkpoint(target).eval()
+        trained_on = (model.spec.env_spec or {}).get("id")
+        if trained_on != env_id:
+            raise SystemExit(f"--policy {name}: the model was trained on '{model.spec.dataset_id}' (env {trained_on}), not for --env {env_id}.")
         return lambda i: model.make_agent(1)
     if not target:
         raise SystemExit(f"--policy {name!r}: expected random, scripted:NAME, checkpoint:PATH or module:function")

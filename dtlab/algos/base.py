@@ -61,6 +61,11 @@ class OfflineRLModule(L.LightningModule):
         """The policy as an Agent over `num_envs` environments (greedy actions)."""
         return StatelessAgent(self.policy, self.device)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming or fine-tuning on other data: say which spaces differ, before PyTorch's "size mismatch".
+        saved = DatasetSpec.from_dict(checkpoint["hyper_parameters"]["spec"])
+        saved.check_compatible(self.spec, "Checkpoint")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The algorithm's registry name travels with the weights and the spec: `load_checkpoint(path)`
         # needs nothing else, and never imports a path stored in the file.

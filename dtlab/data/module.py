@@ -13,11 +13,14 @@ import warnings
 from typing import Any, Callable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.data.convert import load_columns
 from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions
+from dtlab.spec import DatasetError, DatasetSpec
 
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
 # where Lightning's warning about __len__ with several workers does not apply.
@@ -29,6 +32,29 @@ COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals
 def stream_seed(*parts: int) -> int:
     """A 63-bit seed from (seed, rank, update, ...) that does not collide for nearby tuples."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: bool) -> np.ndarray:
+    """The data's actions, refused (or clipped, with `clip`) where they leave the action space."""
+    actions = columns["actions"]
+    if spec.discrete:
+        outside = (actions < 0) | (actions >= spec.action_dim)
+        bounds = f"{{0, ..., {spec.action_dim - 1}}}"
+    else:
+        low, high = np.asarray(spec.action_low, dtype=np.float32), np.asarray(spec.action_high, dtype=np.float32)
+        tol = 1e-5 * np.maximum(high - low, 1.0)
+        outside = ((actions < low - tol) | (actions > high + tol)).any(axis=1)
+        bounds = f"[{spec.action_low}, {spec.action_high}]"
+    if not outside.any():
+        return actions
+    if clip and not spec.discrete:
+        return np.clip(actions, low, high)
+    row = int(np.flatnonzero(outside)[0])
+    raise DatasetError(
+        f"Dataset '{spec.dataset_id}': {int(outside.sum())} actions lie outside the action space {bounds}; the first is "
+        f"{actions[row].tolist()} in episode {int(columns['episode_ids'][row])}, step {int(columns['timesteps'][row])}. "
+        + ("Fix the data." if spec.discrete else "Fix the data, or pass --data.clip_actions true to clip them into the box.")
+    )
 
 
 class BatchStream(IterableDataset):
@@ -66,29 +92,33 @@ class OfflineDataModule(L.LightningDataModule):
         steps_per_epoch: updates per training epoch (evaluation and checkpoints happen at epoch ends).
         seed: seeds the batch stream (with the rank and the update number).
         in_memory: copy the data into RAM (fastest); False indexes the memory-mapped Arrow file.
+        clip_actions: clip the data's actions into the action space. By default actions outside it are
+            refused (the error names the first one): a policy cannot learn to act where the env cannot.
     """
 
     def __init__(
         self,
         dataset_id: str = "pendulum/scripted-v0",
-        batch_size: int = 256,
-        steps_per_epoch: int = 1000,
+        batch_size: PositiveInt = 256,
+        steps_per_epoch: PositiveInt = 1000,
         seed: int = 0,
         in_memory: bool = True,
+        clip_actions: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
-            if value < 1:
+            if value < 1:  # the CLI refuses these at parse time; this guards the Python API
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
         self.save_hyperparameters()
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
-        self.seed, self.in_memory = seed, in_memory
+        self.seed, self.in_memory, self.clip_actions = seed, in_memory, clip_actions
         self._transitions: Transitions | None = None
 
     @property
     def transitions(self) -> Transitions:
         if self._transitions is None:
             columns, spec = load_columns(self.dataset_id, COLUMNS)
+            columns["actions"] = checked_actions(columns, spec, self.clip_actions)
             self._transitions = Transitions(columns, spec, self.in_memory)
         return self._transitions
 

@@ -1,0 +1,311 @@
+"""Bad input and bad luck: every case gives one clear message (what, where, how to fix), early, runs no
+code from a file, and leaves nothing partial or corrupt behind.
+
+Cases: unknown id (offline: fails in seconds), truncated file, NaN/inf, empty episode, inconsistent lengths,
+missing / invalid metadata.json, kill during conversion (tests/test_trajectories.py), an unwritable or full
+cache, actions outside the action space, an environment that cannot be built, impossible config values, a
+pickled checkpoint on every loading path, a checkpoint of other spaces, NaN training, kill during a
+checkpoint save, resume (tests/test_contract.py: exact for every algorithm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from test_trajectories import assert_fails_cleanly, cache_entries, episode, write_dataset
+
+from dtlab.algos import BC
+from dtlab.callbacks import DivergenceError, DivergenceGuard
+from dtlab.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, read_checkpoint
+from dtlab.cli import run_cli
+from dtlab.data.convert import load_trajectories
+from dtlab.data.module import OfflineDataModule
+from dtlab.data.paths import dataset_dir
+from dtlab.spec import DatasetError, SpecMismatchError
+
+REPO = Path(__file__).parents[1]
+DTLAB = str(Path(sys.executable).with_name("dtlab"))
+
+
+# -- datasets ---------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_offline_fails_fast_and_lists_local_ids(pendulum_id, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no shortcut: the Hub really is out of reach here
+    start = time.perf_counter()
+    with pytest.raises(DatasetError) as info:
+        load_trajectories("nowhere/missing-v0")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "nowhere/missing-v0" in message and pendulum_id in message and "MINARI_DATASETS_PATH" in message and "cannot be reached" in message
+
+
+@pytest.mark.parametrize("field", ["observations", "rewards"])
+def test_nan_or_inf_is_rejected(field):
+    bad = episode(6)
+    if field == "observations":
+        bad["observations"][3, 1] = np.nan
+    else:
+        bad["rewards"][2] = np.inf
+    write_dataset(f"unit/nonfinite-{field}-v0", [episode(4), bad])
+    assert_fails_cleanly(f"unit/nonfinite-{field}-v0", "episode 1", field, "NaN or inf", "step")
+
+
+def test_inconsistent_lengths_are_rejected():
+    bad = episode(6)
+    bad["observations"] = bad["observations"][:-2]
+    write_dataset("unit/lengths-v0", [bad])
+    assert_fails_cleanly("unit/lengths-v0", "episode 0", "inconsistent array lengths")
+
+
+def test_empty_episode_is_rejected():
+    import h5py
+
+    write_dataset("unit/empty-v0", [episode(4)])
+    path = dataset_dir("unit/empty-v0")
+    with h5py.File(path / "main_data.hdf5", "a") as f:  # minari itself refuses to write an empty episode
+        group = f.create_group("episode_1")
+        group.attrs.update({"id": 1, "total_steps": 0})
+        group["observations"] = np.zeros((1, 3), np.float32)
+        for key, dtype in (("actions", np.float32), ("rewards", np.float64), ("terminations", bool), ("truncations", bool)):
+            group[key] = np.zeros((0, 1) if key == "actions" else (0,), dtype)
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["total_episodes"] = 2
+    (path / "metadata.json").write_text(json.dumps(meta))
+    assert_fails_cleanly("unit/empty-v0", "episode 1", "empty")
+
+
+def test_truncated_file_is_rejected():
+    write_dataset("unit/truncated-v0", [episode(50, seed=i) for i in range(5)])
+    data = dataset_dir("unit/truncated-v0") / "main_data.hdf5"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert_fails_cleanly("unit/truncated-v0", "corrupt or truncated")
+
+
+@pytest.mark.parametrize("damage", ["missing", "invalid"])
+def test_metadata_problems_name_metadata_json(damage):
+    dataset_id = f"unit/metadata-{damage}-v0"
+    write_dataset(dataset_id, [episode(4)])
+    path = dataset_dir(dataset_id) / "metadata.json"
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_text('{"dataset_id": "unit/metadata-invalid-v0",')
+    assert_fails_cleanly(dataset_id, str(path), "missing" if damage == "missing" else "not valid JSON")
+
+
+def test_unwritable_cache_names_dtlab_cache_dir(tmp_path, monkeypatch):
+    write_dataset("unit/cache-v0", [episode(4)])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DTLAB_CACHE_DIR", str(blocker / "cache"))  # a folder under a file: cannot exist
+    with pytest.raises(DatasetError, match=r"cannot be written.*DTLAB_CACHE_DIR|DTLAB_CACHE_DIR.*cannot be written"):
+        load_trajectories("unit/cache-v0")
+
+
+def test_full_cache_names_dtlab_cache_dir(monkeypatch):
+    write_dataset("unit/full-v0", [episode(4)])
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 10))
+    with pytest.raises(DatasetError, match=r"DTLAB_CACHE_DIR\) has 0 MiB free"):
+        load_trajectories("unit/full-v0")
+    assert not [e for e in cache_entries() if e.startswith("unit--full-v0")]
+
+
+def test_actions_outside_the_action_space_are_refused_or_clipped():
+    bad = episode(6, seed=1)
+    bad["actions"][4, 0] = 100.0  # Pendulum's box is [-2, 2]: 50 x outside
+    write_dataset("unit/actions-v0", [episode(5), bad])
+    with pytest.raises(DatasetError) as info:
+        OfflineDataModule("unit/actions-v0").transitions
+    message = str(info.value)
+    assert "outside the action space" in message and "episode 1, step 4" in message and "--data.clip_actions true" in message
+    clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions
+    assert float(clipped.columns["actions"].max()) == 2.0
+
+
+def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
+    write_dataset("unit/badenv-v0", [episode(20, seed=i) for i in range(3)])
+    meta_path = dataset_dir("unit/badenv-v0") / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    env_spec = json.loads(meta["env_spec"])
+    env_spec["entry_point"] = "dtlab_no_such_module:PendulumEnv"
+    meta["env_spec"] = json.dumps(env_spec)
+    meta_path.write_text(json.dumps(meta))
+    args = ["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", "unit/badenv-v0", "--trainer.max_steps", "5", "--runs_dir", str(tmp_path)]
+    out = subprocess.run([DTLAB, *args], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 1
+    last_line = out.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("dtlab: error:") and "Traceback" not in out.stderr
+    assert "dtlab_no_such_module:PendulumEnv" in last_line and "Pendulum-v1" in last_line and "pip install" in last_line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize("bad", [["--data.batch_size", "-5"], ["--data.steps_per_epoch", "0"], ["--evaluation.episodes", "-1"]])
+def test_impossible_config_values_are_refused_at_parse_time(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), *bad, "--print_config"])
+    assert info.value.code != 0
+    assert bad[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+
+class WritesAFile:
+    """A pickle payload: unpickling it would create `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def trained(pendulum_id, tmp_path) -> Path:
+    run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", pendulum_id, "--model.init_args.hidden_dims", "[8]",
+             "--trainer.max_steps", "3", "--data.steps_per_epoch", "3", "--evaluation.episodes", "1",
+             "--trainer.enable_progress_bar", "false", "--runs_dir", str(tmp_path / "runs")])
+    return next((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum_id, tmp_path):
+    marker = tmp_path / "payload-ran"
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["payload"] = WritesAFile(str(marker))
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        pickle.dump(checkpoint, f)  # torch.load reads legacy pickles too: the worst case
+    torch.save(checkpoint, tmp_path / "evil-zip.ckpt")
+
+    for path in (evil, tmp_path / "evil-zip.ckpt"):
+        with pytest.raises(CheckpointError, match="pickled Python objects"):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match="pickled Python objects"):  # resume through Lightning
+            run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", pendulum_id, "--ckpt_path", str(path),
+                     "--trainer.max_steps", "4", "--runs_dir", str(tmp_path / "resume")])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    commands = [
+        [sys.executable, str(REPO / "tools/evaluate.py"), str(evil), "--episodes", "1"],
+        [sys.executable, str(REPO / "tools/make_dataset.py"), "--id", "unit/from-evil-v0", "--env", "Pendulum-v1", "--policy", f"checkpoint:{evil}", "--episodes", "1"],
+    ]
+    for command in commands:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode != 0 and "pickled Python objects" in out.stderr, out.stderr[-2000:]
+    assert not marker.exists(), "a loading path ran the checkpoint's code"
+    assert not dataset_dir("unit/from-evil-v0").exists()
+
+
+def test_a_checkpoint_of_other_spaces_names_both(trained, cartpole_id, tmp_path):
+    with pytest.raises(SpecMismatchError) as info:
+        run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", cartpole_id, "--ckpt_path", str(trained),
+                 "--trainer.max_steps", "4", "--runs_dir", str(tmp_path / "other")])
+    message = str(info.value)
+    assert "test/pendulum-v0" in message and cartpole_id in message and "observation_dim 3 vs 4" in message
+
+
+def test_a_truncated_or_foreign_checkpoint_is_named(trained, tmp_path):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(trained.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(cut)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not a dtlab checkpoint"):
+        load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+class PoisonAt(L.Callback):
+    """Makes a parameter NaN before update `step` (as a diverging optimiser step would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(pendulum_id, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = OfflineDataModule(pendulum_id, batch_size=16, steps_per_epoch=3)
+    model = BC(data.spec, hidden_dims=(8,))
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
+    trainer = L.Trainer(max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=[DivergenceGuard(), PoisonAt(4), last])
+    with pytest.raises(DivergenceError) as info:
+        trainer.fit(model, data)
+    message = str(info.value)
+    assert "BC diverged" in message and "update 5" in message and "train/bc_loss = nan" not in message and "loss = nan" in message
+    assert str(tmp_path / "last.ckpt") in message
+    saved = read_checkpoint(tmp_path / "last.ckpt")
+    assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+def test_a_nan_parameter_is_never_checkpointed(pendulum_id, tmp_path):
+    """Divergence in the very update before a save: the save is refused, the file on disk stays the good one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PoisonAfter(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 6:
+                with torch.no_grad():
+                    next(pl_module.parameters()).fill_(float("nan"))
+
+    data = OfflineDataModule(pendulum_id, batch_size=16, steps_per_epoch=3)
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
+    trainer = L.Trainer(max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[DivergenceGuard(), PoisonAfter(), last])
+    with pytest.raises(DivergenceError, match="non-finite after update 6"):
+        trainer.fit(BC(data.spec, hidden_dims=(8,)), data)
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
+
+
+def test_nan_training_exits_nonzero_with_one_message(pendulum_id, tmp_path):
+    args = ["fit", "-c", str(REPO / "conf/td3bc.yaml"), "--data.dataset_id", pendulum_id, "--model.init_args.actor_lr", "1e6",
+            "--model.init_args.critic_lr", "1e6", "--trainer.max_steps", "50", "--data.steps_per_epoch", "25", "--runs_dir", str(tmp_path)]
+    out = subprocess.run([DTLAB, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 1, out.stderr[-2000:]
+    last_line = out.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("dtlab: error: TD3BC diverged: update") and "Traceback" not in out.stderr
+    for ckpt in tmp_path.rglob("*.ckpt"):
+        assert all(torch.isfinite(t).all() for t in read_checkpoint(ckpt)["state_dict"].values())
+
+
+SAVER = """
+import sys, torch
+from dtlab.checkpoints import AtomicCheckpointIO
+io, i = AtomicCheckpointIO(), 0
+while True:
+    i += 1
+    io.save_checkpoint({"step": i, "weights": torch.full((2_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_save_never_leaves_a_corrupt_file(tmp_path):
+    target = tmp_path / "ckpts" / "last.ckpt"
+    for kill in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True)
+        for _ in range(kill + 2):  # let it complete a few saves, then kill it at a different moment each time
+            proc.stdout.readline()
+        time.sleep(0.013 * kill)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = read_checkpoint(target)  # whatever the moment of the kill: the file is whole
+        assert torch.equal(saved["weights"], torch.full((2_000_000,), float(saved["step"])))
+    AtomicCheckpointIO().save_checkpoint({"step": 0}, target)  # the next save clears temporaries of dead writers
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
