@@ -6,8 +6,9 @@ The LightningModules keep networks and losses only; what a run does around them 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -158,7 +159,12 @@ class ExactResume(Callback):
         version, state, gauss = random.getstate()
         out = {
             "torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "numpy": {
+                "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "gauss": float(np_state[4]),
+            },
             "random": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
         }
         if torch.cuda.is_available():

@@ -55,13 +55,19 @@ class DTLabCLI(LightningCLI):
         parser.link_arguments("data.spec", "model.init_args.spec", apply_on="instantiate")
         parser.add_lightning_class_args(EnvEvaluation, "evaluation")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # the best checkpoint is judged at evaluations only
+        parser.link_arguments("evaluation.every_n_epochs", "checkpoint.every_n_epochs", compute_fn=int)
         parser.add_argument(
-            "--runs_dir", type=str | None, default=None,
+            "--runs_dir",
+            type=str | None,
+            default=None,
             help="Folder for this run's logs and checkpoints, in place of 'runs' in every logger's save_dir "
             "(runs/<algorithm>/version_N, runs/tensorboard/...).",
         )
         parser.add_argument(
-            "--torch_threads", type=int, default=1,
+            "--torch_threads",
+            type=int,
+            default=1,
             help="CPU threads per process for torch ops. RL networks are small: one thread is fastest and "
             "never oversubscribes cores shared with env stepping or other ranks (0 keeps torch's default).",
         )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,9 @@ class GaussianActor(nn.Module):
     log-likelihood; acting uses the mean.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0, log_std_min: float = -20.0, log_std_max: float = 2.0) -> None:
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256), dropout: float = 0.0, log_std_min: float = -20.0, log_std_max: float = 2.0
+    ) -> None:
         super().__init__()
         self.net = mlp(obs_dim, act_dim, hidden_dims, dropout=dropout)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
@@ -126,7 +129,15 @@ class TanhGaussianActor(nn.Module):
       multiplier and offset of log σ; both are redundant with the last layer's weights and bias.)
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), log_std_min: float = -20.0, log_std_max: float = 2.0, init: Literal["torch", "corl"] = "torch") -> None:
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dims: Sequence[int] = (256, 256, 256),
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+        init: Literal["torch", "corl"] = "torch",
+    ) -> None:
         super().__init__()
         if init not in ("torch", "corl"):
             raise ValueError(f"TanhGaussianActor init must be 'torch' or 'corl', got {init!r}")

@@ -68,7 +68,6 @@ class DatasetSpec:
         """D4RL-style score: 100 * (R - R_random) / (R_expert - R_random)."""
         if self.ref_min_score is None or self.ref_max_score is None:
             raise DatasetError(
-                f"Dataset '{self.dataset_id}' has no reference returns (ref_min_score/ref_max_score): "
-                "add them to its metadata or put a refs.json beside it."
+                f"Dataset '{self.dataset_id}' has no reference returns (ref_min_score/ref_max_score): add them to its metadata or put a refs.json beside it."
             )
         return 100.0 * (np.asarray(returns) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)

@@ -44,7 +44,15 @@ def pendulum_id(isolated_data) -> str:
     def make(dataset_id: str) -> None:
         rng = np.random.default_rng(0)
         noise = rng.uniform(0.0, 2.0, size=30)
-        record_dataset(dataset_id, "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(noise[i], rng)), 30, seed=0, reference_episodes=5, expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)))
+        record_dataset(
+            dataset_id,
+            "Pendulum-v1",
+            lambda i: PolicyAgent(pendulum_swingup(noise[i], rng)),
+            30,
+            seed=0,
+            reference_episodes=5,
+            expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)),
+        )
 
     return _record_once("test/pendulum-v0", make)
 

@@ -44,9 +44,24 @@ def read_metrics(log_dir: Path) -> list[dict[str, str]]:
 
 def fit_args(dataset_id: str, out: Path, *extra: str) -> list[str]:
     return [
-        "fit", "-c", "conf/bc.yaml", "--data.dataset_id", dataset_id, "--data.steps_per_epoch", "300",
-        "--evaluation.episodes", "4", "--trainer.max_epochs", "4", "--evaluation.every_n_epochs", "2",
-        "--trainer.enable_progress_bar", "false", "--runs_dir", str(out), *extra,
+        "fit",
+        "-c",
+        "conf/bc.yaml",
+        "--data.dataset_id",
+        dataset_id,
+        "--data.steps_per_epoch",
+        "300",
+        "--evaluation.episodes",
+        "4",
+        "--trainer.max_epochs",
+        "4",
+        "--evaluation.every_n_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--runs_dir",
+        str(out),
+        *extra,
     ]
 
 

@@ -53,18 +53,38 @@ def test_every_algorithm_has_a_tiny_row():
 
 def fit(config: str, dataset_id: str, runs: Path, *extra: str):
     tiny = [arg for key, value in TINY[class_name(config)].items() for arg in (f"--model.init_args.{key}", json.dumps(value))]
-    return run_cli([
-        "fit", "-c", str(CONF / config), *tiny, "--data.dataset_id", dataset_id, "--data.batch_size", "16",
-        "--evaluation.episodes", "2", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--runs_dir", str(runs), *extra,
-    ])
+    return run_cli(
+        [
+            "fit",
+            "-c",
+            str(CONF / config),
+            *tiny,
+            "--data.dataset_id",
+            dataset_id,
+            "--data.batch_size",
+            "16",
+            "--evaluation.episodes",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--runs_dir",
+            str(runs),
+            *extra,
+        ]
+    )
 
 
 def train_rows(run_dir: Path) -> dict[int, dict[str, str]]:
     """metrics.csv rows of training metrics, by logged step."""
     with open(next(run_dir.rglob("metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f)]
-    return {int(r["step"]): {k: v for k, v in r.items() if k.startswith("train/") and v} for r in rows if any(k.startswith("train/") and v for k, v in r.items())}
+    return {
+        int(r["step"]): {k: v for k, v in r.items() if k.startswith("train/") and v} for r in rows if any(k.startswith("train/") and v for k, v in r.items())
+    }
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -94,8 +114,21 @@ def test_updates_are_the_unit_and_a_checkpoint_acts_alone(config, pendulum_id, t
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_two_process_ddp_fits(config, pendulum_id, tmp_path):
-    cli = fit(config, pendulum_id, tmp_path, "--trainer.max_steps", "4", "--data.steps_per_epoch", "4",
-              "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
+    cli = fit(
+        config,
+        pendulum_id,
+        tmp_path,
+        "--trainer.max_steps",
+        "4",
+        "--data.steps_per_epoch",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_spawn",
+    )
     assert cli.trainer.world_size == 2
     assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 4
 
@@ -105,8 +138,15 @@ def test_two_process_ddp_fits(config, pendulum_id, tmp_path):
 def test_resume_is_exact(config, stop, pendulum_id, tmp_path):
     budget = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "100", "--trainer.max_steps", "9")
     # the straight run also keeps a checkpoint after every update (epochs of 3: update 5 is mid-epoch, 6 ends one)
-    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
-             "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "at-{step}")
+    every = (
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.filename",
+        "at-{step}",
+    )
     straight = fit(config, pendulum_id, tmp_path / "straight", *budget, *every)
     ckpt = next((tmp_path / "straight").rglob(f"at-step={stop}.ckpt"))
     resumed = fit(config, pendulum_id, tmp_path / "resumed", *budget, "--ckpt_path", str(ckpt))

@@ -99,8 +99,8 @@ def test_memory_mapped_and_in_memory_serve_the_same_batches(pendulum_id):
 
 
 def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, cartpole_id):
-    from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
     from dtlab.data.convert import DatasetError, dataset_dir
+    from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
 
     expert_id = "test/pendulum-expert-v0"
     if not dataset_dir(expert_id).exists():
@@ -124,4 +124,4 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
     assert (steps[real] == (19 - torch.arange(20)).expand(512, -1)[real]).all()
 
     with pytest.raises(DatasetError, match="does not match.*same environment"):
-        OfflineDataModule(f"{pendulum_id}+{cartpole_id}").transitions
+        OfflineDataModule(f"{pendulum_id}+{cartpole_id}").setup()

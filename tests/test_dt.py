@@ -75,14 +75,18 @@ def test_forward_is_transformers_decision_transformer(pendulum: OfflineDataModul
     model, b = tiny(pendulum.spec), windows(pendulum)
     b["mask"][:2, :2] = 0
     hf = model.model(
-        states=model.normalize(b["observations"]), actions=model.policy.action_scaler.to_unit(b["actions"]), rewards=b["rewards"],
-        returns_to_go=b["returns_to_go"] * model.hparams.rtg_scale, timesteps=b["timesteps"], attention_mask=b["mask"],
+        states=model.normalize(b["observations"]),
+        actions=model.policy.action_scaler.to_unit(b["actions"]),
+        rewards=b["rewards"],
+        returns_to_go=b["returns_to_go"] * model.hparams.rtg_scale,
+        timesteps=b["timesteps"],
+        attention_mask=b["mask"],
     ).action_preds
     torch.testing.assert_close(predict(model, b), model.policy.action_scaler(hf).detach())
 
 
 def test_embedding_init_schemes(pendulum: OfflineDataModule) -> None:
-    """"torch" re-draws the DT layers transformers initialises to N(0, 0.02) with zero bias; "gpt2" keeps them."""
+    """ "torch" re-draws the DT layers transformers initialises to N(0, 0.02) with zero bias; "gpt2" keeps them."""
     gpt2, torch_init = (tiny(pendulum.spec, embedding_init=s).model for s in ("gpt2", "torch"))
     assert (gpt2.embed_return.bias == 0).all() and gpt2.embed_return.weight.std() < 0.05
     assert (torch_init.embed_return.bias != 0).all() and torch_init.embed_return.weight.std() > 0.3  # U(-1, 1): fan-in 1
@@ -99,7 +103,9 @@ def test_only_used_parameters_train(pendulum: OfflineDataModule) -> None:
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name  # DDP-safe: no trainable parameter without a gradient
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {f"policy.model.{n}" for n in ("encoder.wte.weight", "predict_state.weight", "predict_state.bias", "predict_return.weight", "predict_return.bias")}
+    assert frozen == {
+        f"policy.model.{n}" for n in ("encoder.wte.weight", "predict_state.weight", "predict_state.bias", "predict_return.weight", "predict_return.bias")
+    }
 
 
 def run_agents(model: DecisionTransformer, steps: int, dones_at: dict[int, list[int]], n: int = 3) -> float:
@@ -203,12 +209,33 @@ def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
     assert exit_.value.code in (0, None)
     with pytest.raises(SystemExit):  # the parser really checks the model's arguments
         run_cli(["fit", "-c", "conf/dt.yaml", "--model.init_args.context_length", "3", "--print_config"])
-    cli = run_cli([
-        "fit", "-c", "conf/dt.yaml", "--data.dataset_id", pendulum_id, "--data.steps_per_epoch", "2", "--evaluation.episodes", "2",
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-        "--runs_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-        "--model.init_args.context_len", "4", "--model.init_args.embed_dim", "16", "--model.init_args.n_layer", "1",
-    ])
+    cli = run_cli(
+        [
+            "fit",
+            "-c",
+            "conf/dt.yaml",
+            "--data.dataset_id",
+            pendulum_id,
+            "--data.steps_per_epoch",
+            "2",
+            "--evaluation.episodes",
+            "2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--runs_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.context_len",
+            "4",
+            "--model.init_args.embed_dim",
+            "16",
+            "--model.init_args.n_layer",
+            "1",
+        ]
+    )
     model = cli.model
     assert model.batch_format == BatchFormat("windows", context_len=4)
     metrics = cli.trainer.callback_metrics
@@ -230,7 +257,16 @@ def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> Non
     dm = OfflineDataModule(cartpole_id, batch_size=32, steps_per_epoch=250)
     torch.manual_seed(0)
     model = DecisionTransformer(dm.spec, context_len=4, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=20, eval_targets=[500.0])
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25, default_root_dir=tmp_path, callbacks=[EnvEvaluation(episodes=5)])
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.25,
+        default_root_dir=tmp_path,
+        callbacks=[EnvEvaluation(episodes=5)],
+    )
     trainer.fit(model, dm)
     random_return = model.spec.ref_min_score  # the random policy's mean return (about 22)
     achieved = float(trainer.callback_metrics["eval/return"])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from dtlab.networks import (
-    ActionScaler,
     CriticEnsemble,
     DeterministicActor,
     GaussianActor,

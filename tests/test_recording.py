@@ -10,13 +10,21 @@ import minari
 import numpy as np
 import pytest
 
-from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
 from dtlab.data.convert import DatasetError, dataset_dir, load_minari, minari_root
+from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
 
 
 def test_record_a_callable_policy_with_references():
     rng = np.random.default_rng(0)
-    ds = record_dataset("rec/pendulum-v0", "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.3, rng)), 4, seed=7, reference_episodes=3, expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)))
+    ds = record_dataset(
+        "rec/pendulum-v0",
+        "Pendulum-v1",
+        lambda i: PolicyAgent(pendulum_swingup(0.3, rng)),
+        4,
+        seed=7,
+        reference_episodes=3,
+        expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)),
+    )
     meta = ds.storage.metadata
     assert meta["total_episodes"] == 4 and meta["total_steps"] == 800
     assert meta["ref_min_score"] < -700 and meta["ref_max_score"] > -300  # random swings, the controller balances

@@ -106,12 +106,12 @@ def test_metadata_problems_name_metadata_json(damage):
 
 
 def test_unwritable_cache_names_dtlab_cache_dir(tmp_path, monkeypatch):
-    write_dataset("unit/cache-v0", [episode(4)])
+    write_dataset("unit/unwritable-cache-v0", [episode(4)])
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("DTLAB_CACHE_DIR", str(blocker / "cache"))  # a folder under a file: cannot exist
     with pytest.raises(DatasetError, match=r"cannot be written.*DTLAB_CACHE_DIR|DTLAB_CACHE_DIR.*cannot be written"):
-        load_trajectories("unit/cache-v0")
+        load_trajectories("unit/unwritable-cache-v0")
 
 
 def test_full_cache_names_dtlab_cache_dir(monkeypatch):
@@ -129,7 +129,7 @@ def test_actions_outside_the_action_space_are_refused_or_clipped():
     bad["actions"][4, 0] = 100.0  # Pendulum's box is [-2, 2]: 50 x outside
     write_dataset("unit/actions-v0", [episode(5), bad])
     with pytest.raises(DatasetError) as info:
-        OfflineDataModule("unit/actions-v0").transitions
+        OfflineDataModule("unit/actions-v0").setup()
     message = str(info.value)
     assert "outside the action space" in message and "episode 1, step 4" in message and "--data.clip_actions true" in message
     clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions
@@ -176,9 +176,27 @@ class WritesAFile:
 
 @pytest.fixture
 def trained(pendulum_id, tmp_path) -> Path:
-    run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", pendulum_id, "--model.init_args.hidden_dims", "[8]",
-             "--trainer.max_steps", "3", "--data.steps_per_epoch", "3", "--evaluation.episodes", "1",
-             "--trainer.enable_progress_bar", "false", "--runs_dir", str(tmp_path / "runs")])
+    run_cli(
+        [
+            "fit",
+            "-c",
+            str(REPO / "conf/bc.yaml"),
+            "--data.dataset_id",
+            pendulum_id,
+            "--model.init_args.hidden_dims",
+            "[8]",
+            "--trainer.max_steps",
+            "3",
+            "--data.steps_per_epoch",
+            "3",
+            "--evaluation.episodes",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--runs_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     return next((tmp_path / "runs").rglob("last.ckpt"))
 
 
@@ -195,12 +213,36 @@ def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum
         with pytest.raises(CheckpointError, match="pickled Python objects"):
             load_checkpoint(path)
         with pytest.raises(CheckpointError, match="pickled Python objects"):  # resume through Lightning
-            run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", pendulum_id, "--ckpt_path", str(path),
-                     "--trainer.max_steps", "4", "--runs_dir", str(tmp_path / "resume")])
+            run_cli(
+                [
+                    "fit",
+                    "-c",
+                    str(REPO / "conf/bc.yaml"),
+                    "--data.dataset_id",
+                    pendulum_id,
+                    "--ckpt_path",
+                    str(path),
+                    "--trainer.max_steps",
+                    "4",
+                    "--runs_dir",
+                    str(tmp_path / "resume"),
+                ]
+            )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     commands = [
         [sys.executable, str(REPO / "tools/evaluate.py"), str(evil), "--episodes", "1"],
-        [sys.executable, str(REPO / "tools/make_dataset.py"), "--id", "unit/from-evil-v0", "--env", "Pendulum-v1", "--policy", f"checkpoint:{evil}", "--episodes", "1"],
+        [
+            sys.executable,
+            str(REPO / "tools/make_dataset.py"),
+            "--id",
+            "unit/from-evil-v0",
+            "--env",
+            "Pendulum-v1",
+            "--policy",
+            f"checkpoint:{evil}",
+            "--episodes",
+            "1",
+        ],
     ]
     for command in commands:
         out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -211,8 +253,21 @@ def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum
 
 def test_a_checkpoint_of_other_spaces_names_both(trained, cartpole_id, tmp_path):
     with pytest.raises(SpecMismatchError) as info:
-        run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", cartpole_id, "--ckpt_path", str(trained),
-                 "--trainer.max_steps", "4", "--runs_dir", str(tmp_path / "other")])
+        run_cli(
+            [
+                "fit",
+                "-c",
+                str(REPO / "conf/bc.yaml"),
+                "--data.dataset_id",
+                cartpole_id,
+                "--ckpt_path",
+                str(trained),
+                "--trainer.max_steps",
+                "4",
+                "--runs_dir",
+                str(tmp_path / "other"),
+            ]
+        )
     message = str(info.value)
     assert "test/pendulum-v0" in message and cartpole_id in message and "observation_dim 3 vs 4" in message
 
@@ -245,8 +300,14 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(pendulum_id
     data = OfflineDataModule(pendulum_id, batch_size=16, steps_per_epoch=3)
     model = BC(data.spec, hidden_dims=(8,))
     last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
-    trainer = L.Trainer(max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
-                        callbacks=[DivergenceGuard(), PoisonAt(4), last])
+    trainer = L.Trainer(
+        max_steps=9,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[DivergenceGuard(), PoisonAt(4), last],
+    )
     with pytest.raises(DivergenceError) as info:
         trainer.fit(model, data)
     message = str(info.value)
@@ -275,8 +336,23 @@ def test_a_nan_parameter_is_never_checkpointed(pendulum_id, tmp_path):
 
 
 def test_nan_training_exits_nonzero_with_one_message(pendulum_id, tmp_path):
-    args = ["fit", "-c", str(REPO / "conf/td3bc.yaml"), "--data.dataset_id", pendulum_id, "--model.init_args.actor_lr", "1e6",
-            "--model.init_args.critic_lr", "1e6", "--trainer.max_steps", "50", "--data.steps_per_epoch", "25", "--runs_dir", str(tmp_path)]
+    args = [
+        "fit",
+        "-c",
+        str(REPO / "conf/td3bc.yaml"),
+        "--data.dataset_id",
+        pendulum_id,
+        "--model.init_args.actor_lr",
+        "1e6",
+        "--model.init_args.critic_lr",
+        "1e6",
+        "--trainer.max_steps",
+        "50",
+        "--data.steps_per_epoch",
+        "25",
+        "--runs_dir",
+        str(tmp_path),
+    ]
     out = subprocess.run([DTLAB, *args], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 1, out.stderr[-2000:]
     last_line = out.stderr.strip().splitlines()[-1]
@@ -298,7 +374,7 @@ while True:
 
 def test_kill_during_checkpoint_save_never_leaves_a_corrupt_file(tmp_path):
     target = tmp_path / "ckpts" / "last.ckpt"
-    for kill in range(4):
+    for kill in range(3):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True)
         for _ in range(kill + 2):  # let it complete a few saves, then kill it at a different moment each time
             proc.stdout.readline()

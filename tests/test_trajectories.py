@@ -16,8 +16,14 @@ from dtlab.data.convert import DatasetError, cache_root, column_to_numpy, datase
 def write_dataset(dataset_id: str, episodes: list[dict], env: str | None = "Pendulum-v1", **kwargs) -> None:
     """A Minari dataset straight from arrays (observations have one row more than steps)."""
     buffers = [
-        EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=list(e["rewards"]),
-                      terminations=list(e["terminations"]), truncations=list(e["truncations"]))
+        EpisodeBuffer(
+            id=i,
+            observations=e["observations"],
+            actions=e["actions"],
+            rewards=list(e["rewards"]),
+            terminations=list(e["terminations"]),
+            truncations=list(e["truncations"]),
+        )
         for i, e in enumerate(episodes)
     ]
     minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env, ref_min_score=-10.0, ref_max_score=10.0, **kwargs)
@@ -144,7 +150,9 @@ def test_dict_observations_are_flattened_in_space_order():
     space = gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,)), "b": gym.spaces.Box(-1, 1, (1,))})
     steps = 3
     obs = {"a": np.arange((steps + 1) * 2, dtype=np.float32).reshape(steps + 1, 2), "b": -np.arange(steps + 1, dtype=np.float32)[:, None]}
-    buffer = EpisodeBuffer(id=0, observations=obs, actions=np.zeros((steps, 1), np.float32), rewards=[1.0] * steps, terminations=[False] * steps, truncations=[False, False, True])
+    buffer = EpisodeBuffer(
+        id=0, observations=obs, actions=np.zeros((steps, 1), np.float32), rewards=[1.0] * steps, terminations=[False] * steps, truncations=[False, False, True]
+    )
     minari.create_dataset_from_buffers("unit/dict-v0", [buffer], observation_space=space, action_space=gym.spaces.Box(-1, 1, (1,)))
     hf, spec = load_trajectories("unit/dict-v0")
     expected = np.concatenate([obs["a"], obs["b"]], axis=1)

@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from dtlab.algos.actor_critic import reward_factor
 from dtlab.algos.calql import CalQL
 from dtlab.algos.cql import CQL
 from dtlab.algos.iql import IQL, expectile_loss
 from dtlab.algos.td3bc import TD3BC
-from dtlab.cli import run_cli
 from dtlab.data.samplers import BatchFormat, TransitionBatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +24,20 @@ SMALL = {"actor_hidden_dims": (16, 16), "critic_hidden_dims": (16, 16)}
 
 def toy_spec(obs_dim: int = 3, act_dim: int = 2) -> dict:
     return dict(
-        dataset_id="toy", observation_dim=obs_dim, action_dim=act_dim, discrete=False,
-        action_low=[-1.0] * act_dim, action_high=[1.0] * act_dim, obs_mean=[0.0] * obs_dim, obs_std=[1.0] * obs_dim,
-        num_episodes=1, num_transitions=100, max_episode_steps=100, return_min=0.0, return_max=100.0, return_mean=50.0,
+        dataset_id="toy",
+        observation_dim=obs_dim,
+        action_dim=act_dim,
+        discrete=False,
+        action_low=[-1.0] * act_dim,
+        action_high=[1.0] * act_dim,
+        obs_mean=[0.0] * obs_dim,
+        obs_std=[1.0] * obs_dim,
+        num_episodes=1,
+        num_transitions=100,
+        max_episode_steps=100,
+        return_min=0.0,
+        return_max=100.0,
+        return_mean=50.0,
     )
 
 
@@ -66,7 +75,11 @@ def loss_cases(name: str):
     if name == "iql":
         m = IQL(toy_spec(), value_hidden_dims=(16,), **SMALL)
         adv = m.value_loss(batch)[1]
-        return m, [("value_loss", lambda: m.value_loss(batch)[0], m.value), ("critic_loss", lambda: m.critic_loss(batch), m.critic), ("actor_loss", lambda: m.actor_loss(batch, adv), m.actor)]
+        return m, [
+            ("value_loss", lambda: m.value_loss(batch)[0], m.value),
+            ("critic_loss", lambda: m.critic_loss(batch), m.critic),
+            ("actor_loss", lambda: m.actor_loss(batch, adv), m.actor),
+        ]
     cls = CQL if name == "cql" else CalQL
     m = cls(toy_spec(), lagrange=True, cql_n_actions=3, **SMALL)
     log_pi = m.actor_loss(batch)[1]
@@ -179,13 +192,18 @@ def train_toy_critic(cql_alpha: float) -> tuple[float, float]:
     """One state, 1-D actions; the data's actions lie in [0.3, 0.5], rewards 0, every step terminal,
     so TD alone pins Q to 0 on the data and says nothing elsewhere. Returns (Q at data, Q off data)."""
     torch.manual_seed(0)
-    model = CQL(toy_spec(1, 1), cql_alpha=cql_alpha, cql_n_actions=8, actor_hidden_dims=(16,), critic_hidden_dims=(32, 32), critic_lr=3e-3, orthogonal_init=False)
+    model = CQL(
+        toy_spec(1, 1), cql_alpha=cql_alpha, cql_n_actions=8, actor_hidden_dims=(16,), critic_hidden_dims=(32, 32), critic_lr=3e-3, orthogonal_init=False
+    )
     opts, _ = plain_optimizers(model)
     for step in range(150):
         g = torch.Generator().manual_seed(step)
         batch = TransitionBatch(
-            observations=torch.zeros(64, 1), next_observations=torch.zeros(64, 1),
-            actions=0.3 + 0.2 * torch.rand(64, 1, generator=g), rewards=torch.zeros(64), terminals=torch.ones(64),
+            observations=torch.zeros(64, 1),
+            next_observations=torch.zeros(64, 1),
+            actions=0.3 + 0.2 * torch.rand(64, 1, generator=g),
+            rewards=torch.zeros(64),
+            terminals=torch.ones(64),
         )
         model.update(batch, opts, backward)
     with torch.no_grad():
@@ -234,7 +252,9 @@ def test_td_target_bootstraps_unless_terminal(name: str) -> None:
     torch.manual_seed(0)
     model = {"td3bc": TD3BC, "iql": IQL, "cql": CQL}[name](toy_spec(), discount=0.9, **SMALL)
     with torch.no_grad():  # make the bootstrapped value a constant 5 at every (s', a')
-        head_w, head_b = (model.value.net[-1].weight, model.value.net[-1].bias) if name == "iql" else (model.critic_target.weights[-1], model.critic_target.biases[-1])
+        head_w, head_b = (
+            (model.value.net[-1].weight, model.value.net[-1].bias) if name == "iql" else (model.critic_target.weights[-1], model.critic_target.biases[-1])
+        )
         head_w.zero_()
         head_b.fill_(5.0)
     batch = toy_batch(4).replace(rewards=torch.tensor([1.0, 1.0, -2.0, 0.0]), terminals=torch.tensor([1.0, 0.0, 1.0, 0.0]))  # terminated / truncated-or-ongoing

@@ -30,11 +30,26 @@ def synthetic_dataset(root: Path, episodes: int, steps: int) -> str:
     if not (root / dataset_id).exists():
         rng = np.random.default_rng(0)
         buffers = [
-            EpisodeBuffer(id=i, observations=rng.normal(size=(steps + 1, 17)), actions=rng.uniform(-1, 1, (steps, 6)).astype(np.float32),
-                          rewards=rng.normal(size=steps).tolist(), terminations=[False] * steps, truncations=[False] * (steps - 1) + [True])
+            EpisodeBuffer(
+                id=i,
+                observations=rng.normal(size=(steps + 1, 17)),
+                actions=rng.uniform(-1, 1, (steps, 6)).astype(np.float32),
+                rewards=rng.normal(size=steps).tolist(),
+                terminations=[False] * steps,
+                truncations=[False] * (steps - 1) + [True],
+            )
             for i in range(episodes)
         ]
-        minari.create_dataset_from_buffers(dataset_id, buffers, env="HalfCheetah-v5", ref_min_score=0.0, ref_max_score=1.0, author="dtlab", algorithm_name="synthetic", description="benchmark data")
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env="HalfCheetah-v5",
+            ref_min_score=0.0,
+            ref_max_score=1.0,
+            author="dtlab",
+            algorithm_name="synthetic",
+            description="benchmark data",
+        )
     return dataset_id
 
 
@@ -60,9 +75,9 @@ def main() -> None:
     if args.dataset is None:
         os.environ.setdefault("MINARI_DATASETS_PATH", str(Path(tempfile.gettempdir()) / "dtlab-bench" / "minari"))
     os.environ["DTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="dtlab-bench-cache-")
+    from dtlab.data.convert import cache_root, column_to_numpy, load_trajectories, minari_root
     from dtlab.data.module import COLUMNS, BatchStream
     from dtlab.data.samplers import BatchFormat, OfflineSampler, Transitions
-    from dtlab.data.convert import cache_root, column_to_numpy, load_trajectories, minari_root
 
     dataset_id = args.dataset or synthetic_dataset(minari_root(), args.episodes, args.steps)
 

@@ -65,10 +65,10 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtlab.data.module import OfflineDataModule  # noqa: E402
 from dtlab.algos.dt import DecisionTransformer  # noqa: E402
-from dtlab.envs import make_vector_env, rollout  # noqa: E402
 from dtlab.data.convert import dataset_dir  # noqa: E402
+from dtlab.data.module import OfflineDataModule  # noqa: E402
+from dtlab.envs import make_vector_env, rollout  # noqa: E402
 
 
 class ChunkTimer(L.Callback):
@@ -91,9 +91,16 @@ def dtlab_train_speed(dm: OfflineDataModule, args: argparse.Namespace, precision
     model = DecisionTransformer(dm.spec, **SIZES, eval_targets=[args.target_return])
     timer = ChunkTimer(args.warmup, args.updates // args.chunks)
     trainer = L.Trainer(
-        max_steps=args.warmup + args.updates, precision=precision, gradient_clip_val=0.25, callbacks=[timer],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
+        max_steps=args.warmup + args.updates,
+        precision=precision,
+        gradient_clip_val=0.25,
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, dm)
     return timer.rates
@@ -127,10 +134,30 @@ def dtlab_raw_step_speed(dm: OfflineDataModule, args: argparse.Namespace) -> lis
 def d3rlpy_train_speed(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speed.jsonl"
-        cmd = [str(D3RLPY_PYTHON), str(REPO / "tools" / "d3rlpy_baseline.py"), "--dataset-dir", str(dataset_dir(args.dataset).parent),
-               "--algo", "dt", "--mode", "speed", "--updates", str(args.updates), "--warmup", str(args.warmup),
-               "--chunks", str(args.chunks), "--threads", str(args.threads), "--batch-size", str(BATCH),
-               "--context", str(SIZES["context_len"]), "--json", str(out)]
+        cmd = [
+            str(D3RLPY_PYTHON),
+            str(REPO / "tools" / "d3rlpy_baseline.py"),
+            "--dataset-dir",
+            str(dataset_dir(args.dataset).parent),
+            "--algo",
+            "dt",
+            "--mode",
+            "speed",
+            "--updates",
+            str(args.updates),
+            "--warmup",
+            str(args.warmup),
+            "--chunks",
+            str(args.chunks),
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(BATCH),
+            "--context",
+            str(SIZES["context_len"]),
+            "--json",
+            str(out),
+        ]
         subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text().splitlines()[-1])
 
@@ -160,8 +187,9 @@ D3RLPY_ACT = textwrap.dedent("""
 
 
 def d3rlpy_act_speed(args: argparse.Namespace) -> float:
-    script = D3RLPY_ACT.format(tools=str(REPO / "tools"), dataset_dir=str(dataset_dir(args.dataset).parent), threads=args.threads,
-                               target=args.target_return, steps=args.act_steps)
+    script = D3RLPY_ACT.format(
+        tools=str(REPO / "tools"), dataset_dir=str(dataset_dir(args.dataset).parent), threads=args.threads, target=args.target_return, steps=args.act_steps
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([str(D3RLPY_PYTHON), "-c", script], check=True, cwd=tmp, env=env, capture_output=True, text=True).stdout
@@ -213,7 +241,7 @@ def main(args: argparse.Namespace) -> dict:
     if use_d3rlpy and not D3RLPY_PYTHON.exists():
         sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --skip-d3rlpy).")
     dm = OfflineDataModule(args.dataset, batch_size=BATCH, steps_per_epoch=10**6)
-    dm.transitions  # load before timing
+    dm.setup()  # load before timing
 
     train: dict[str, list[float]] = {"dtlab_fp32": [], "dtlab_bf16": [], "dtlab_raw_fp32": [], "d3rlpy": []}
     for r in range(args.rounds if "train" in args.parts else 0):
@@ -254,13 +282,25 @@ def main(args: argparse.Namespace) -> dict:
         print(f"dtlab evaluation of {args.envs} full episodes in one vector env: {eval_s:.1f} s, {100 * policy_share:.0f}% of it in the policy")
 
     record = {
-        "bench": "dt_speed", "dataset": args.dataset, "batch_size": BATCH, **SIZES, "threads": args.threads,
-        "updates": args.updates, "warmup": args.warmup, "chunks": args.chunks, "rounds": args.rounds,
-        "train_updates_per_s": train, "train_updates_per_s_median": med,
+        "bench": "dt_speed",
+        "dataset": args.dataset,
+        "batch_size": BATCH,
+        **SIZES,
+        "threads": args.threads,
+        "updates": args.updates,
+        "warmup": args.warmup,
+        "chunks": args.chunks,
+        "rounds": args.rounds,
+        "train_updates_per_s": train,
+        "train_updates_per_s_median": med,
         "train_ratio_vs_d3rlpy": {k: v / med["d3rlpy"] for k, v in med.items() if k != "d3rlpy"} if "d3rlpy" in med else None,
-        "act_steps_per_s": acting, "act_steps_per_s_median": act, "act_steps": args.act_steps,
+        "act_steps_per_s": acting,
+        "act_steps_per_s_median": act,
+        "act_steps": args.act_steps,
         "act_ratio_vs_d3rlpy": {k: v / act["d3rlpy_1env"] for k, v in act.items() if k != "d3rlpy_1env"} if "d3rlpy_1env" in act else None,
-        "eval_seconds": eval_s, "eval_envs": args.envs, "eval_policy_share": policy_share,
+        "eval_seconds": eval_s,
+        "eval_envs": args.envs,
+        "eval_policy_share": policy_share,
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version()},
         "host": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0]},
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

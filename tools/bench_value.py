@@ -52,7 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads for every framework")
     p.add_argument("--compile", action="store_true", help="also time model.compile=true (lightning and plain)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (lightning precision=bf16-mixed, plain autocast)")
-    p.add_argument("--flops", action="store_true", help="also count the FLOPs of one update and time a matmul of the critics' hidden shape, to print the fraction of the matmul rate each framework reaches")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count the FLOPs of one update and time a matmul of the critics' hidden shape, to print the fraction of the matmul rate each framework reaches",
+    )
     p.add_argument("--no-d3rlpy", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="append one JSON line per algorithm")
     p.add_argument("--table", action="store_true", help="print the quality table from the JSON lines and exit")
@@ -95,8 +99,17 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
     model = cls(spec=data.spec, **init_args)
     timer = UpdateTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(max_epochs=1, limit_val_batches=0, precision=precision, num_sanity_val_steps=0, logger=CSVLogger(tmp), enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, DivergenceGuard()])
+        trainer = L.Trainer(
+            max_epochs=1,
+            limit_val_batches=0,
+            precision=precision,
+            num_sanity_val_steps=0,
+            logger=CSVLogger(tmp),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer, DivergenceGuard()],
+        )
         trainer.fit(model, data)
     return updates / (timer.stop - timer.start)
 
@@ -158,8 +171,26 @@ def time_d3rlpy(algo: str, dataset: str, warmup: int, updates: int, threads: int
     root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speed.jsonl"
-        cmd = [str(D3RLPY_PYTHON), str(REPO / "tools/d3rlpy_baseline.py"), "--dataset-dir", str(root / dataset), "--algo", algo,
-               "--mode", "speed", "--updates", str(updates), "--warmup", str(warmup), "--chunks", "1", "--threads", str(threads), "--json", str(out)]
+        cmd = [
+            str(D3RLPY_PYTHON),
+            str(REPO / "tools/d3rlpy_baseline.py"),
+            "--dataset-dir",
+            str(root / dataset),
+            "--algo",
+            algo,
+            "--mode",
+            "speed",
+            "--updates",
+            str(updates),
+            "--warmup",
+            str(warmup),
+            "--chunks",
+            "1",
+            "--threads",
+            str(threads),
+            "--json",
+            str(out),
+        ]
         subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text().splitlines()[-1])["updates_per_s_overall"]
 
@@ -182,7 +213,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
     rates: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
             rates[name].append(runners[name]())
             print(f"  {algo} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
     median = {name: statistics.median(v) for name, v in rates.items()}
@@ -202,10 +233,21 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         ratios["bf16_vs_fp32_lightning"] = median["lightning_bf16"] / median["lightning"]
         if "d3rlpy" in median:
             ratios["lightning_bf16_vs_d3rlpy"] = median["lightning_bf16"] / median["d3rlpy"]
-    return {"algo": algo, "dataset": args.dataset, "timed_updates": updates, "warmup": warmup, "rounds": args.rounds, "threads": args.threads,
-            "batch_size": 256, "updates_per_s_median": median, "updates_per_s": rates, "ratios": ratios,
-            "torch": torch.__version__, "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_1m_at_end": os.getloadavg()[0]},
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "algo": algo,
+        "dataset": args.dataset,
+        "timed_updates": updates,
+        "warmup": warmup,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "batch_size": 256,
+        "updates_per_s_median": median,
+        "updates_per_s": rates,
+        "ratios": ratios,
+        "torch": torch.__version__,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_1m_at_end": os.getloadavg()[0]},
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def quality_table() -> None:
@@ -247,14 +289,20 @@ def main(args: argparse.Namespace) -> None:
         result = bench(algo, args)
         m, r = result["updates_per_s_median"], result["ratios"]
         line = "  ".join(f"{k} {v:.1f}" for k, v in m.items())
-        print(f"{algo}: {line} | lightning/d3rlpy {r.get('lightning_vs_d3rlpy', float('nan')):.2f}x, "
-              f"lightning/plain {r['lightning_vs_plain']:.2f}x ({r['lightning_ms_per_update_overhead']:+.2f} ms/update)"
-              + (f", compiled/eager lightning {r['compiled_vs_eager_lightning']:.2f}x plain {r['compiled_vs_eager_plain']:.2f}x" if args.compile else "")
-              + (f", bf16/fp32 lightning {r['bf16_vs_fp32_lightning']:.2f}x" if args.bf16 else ""), flush=True)
+        print(
+            f"{algo}: {line} | lightning/d3rlpy {r.get('lightning_vs_d3rlpy', float('nan')):.2f}x, "
+            f"lightning/plain {r['lightning_vs_plain']:.2f}x ({r['lightning_ms_per_update_overhead']:+.2f} ms/update)"
+            + (f", compiled/eager lightning {r['compiled_vs_eager_lightning']:.2f}x plain {r['compiled_vs_eager_plain']:.2f}x" if args.compile else "")
+            + (f", bf16/fp32 lightning {r['bf16_vs_fp32_lightning']:.2f}x" if args.bf16 else ""),
+            flush=True,
+        )
         if args.flops:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["fraction_of_matmul_rate"].items())
-            print(f"  {r['gflop_per_update']:.2f} GFLOP/update (dtlab's count); a {r['matmul_gflop_per_s']:.0f} GFLOP/s float32 bmm of the critics' "
-                  f"hidden shape; each framework's updates/s x GFLOP/update as a share of it: {shares}", flush=True)
+            print(
+                f"  {r['gflop_per_update']:.2f} GFLOP/update (dtlab's count); a {r['matmul_gflop_per_s']:.0f} GFLOP/s float32 bmm of the critics' "
+                f"hidden shape; each framework's updates/s x GFLOP/update as a share of it: {shares}",
+                flush=True,
+            )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             with args.json.open("a") as f:

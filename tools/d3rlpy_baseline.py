@@ -56,31 +56,73 @@ ALGOS = ("bc", "td3bc", "iql", "cql", "calql", "dt")
 HPARAMS: dict[str, dict] = {
     # As dtlab's conf/bc.yaml: deterministic tanh MLP 256x2, MSE, Adam 1e-3 (d3rlpy's default;
     # CORL's any_percent_bc uses 3e-4), batch 256, normalised states.
-    "bc": {"hidden": [256, 256], "lr": 1e-3, "batch_size": 256, "policy_type": "deterministic",
-           "observation_scaler": "standard"},
+    "bc": {"hidden": [256, 256], "lr": 1e-3, "batch_size": 256, "policy_type": "deterministic", "observation_scaler": "standard"},
     # CORL td3_bc (d3rlpy's defaults match: tau 0.005, noise 0.2 clip 0.5, actor every 2 steps).
-    "td3bc": {"actor_hidden": [256, 256], "critic_hidden": [256, 256], "actor_lr": 3e-4,
-              "critic_lr": 3e-4, "alpha": 2.5, "batch_size": 256, "tau": 0.005, "gamma": 0.99,
-              "target_smoothing_sigma": 0.2, "target_smoothing_clip": 0.5,
-              "update_actor_interval": 2, "observation_scaler": "standard"},
+    "td3bc": {
+        "actor_hidden": [256, 256],
+        "critic_hidden": [256, 256],
+        "actor_lr": 3e-4,
+        "critic_lr": 3e-4,
+        "alpha": 2.5,
+        "batch_size": 256,
+        "tau": 0.005,
+        "gamma": 0.99,
+        "target_smoothing_sigma": 0.2,
+        "target_smoothing_clip": 0.5,
+        "update_actor_interval": 2,
+        "observation_scaler": "standard",
+    },
     # CORL iql: expectile 0.7, beta 3 (d3rlpy weight_temp), max weight 100,
     # actor lr cosine-annealed to 0 over the run, normalised states, raw rewards.
-    "iql": {"actor_hidden": [256, 256], "critic_hidden": [256, 256], "value_hidden": [256, 256],
-            "actor_lr": 3e-4, "critic_lr": 3e-4, "expectile": 0.7, "weight_temp": 3.0,
-            "max_weight": 100.0, "batch_size": 256, "tau": 0.005, "gamma": 0.99,
-            "actor_lr_schedule": "cosine", "observation_scaler": "standard"},
+    "iql": {
+        "actor_hidden": [256, 256],
+        "critic_hidden": [256, 256],
+        "value_hidden": [256, 256],
+        "actor_lr": 3e-4,
+        "critic_lr": 3e-4,
+        "expectile": 0.7,
+        "weight_temp": 3.0,
+        "max_weight": 100.0,
+        "batch_size": 256,
+        "tau": 0.005,
+        "gamma": 0.99,
+        "actor_lr_schedule": "cosine",
+        "observation_scaler": "standard",
+    },
     # CORL cql (halfcheetah configs): actor and critics 256x3, policy lr 3e-5 (also used
     # for the SAC temperature), critic lr 3e-4, fixed CQL weight 10 (no Lagrange),
     # 10 sampled actions, automatic entropy tuning, normalised states.
-    "cql": {"actor_hidden": [256, 256, 256], "critic_hidden": [256, 256, 256],
-            "actor_lr": 3e-5, "critic_lr": 3e-4, "temp_lr": 3e-5, "alpha_lr": 0.0,
-            "initial_alpha": 1.0, "conservative_weight": 10.0, "n_action_samples": 10,
-            "batch_size": 256, "tau": 0.005, "gamma": 0.99, "observation_scaler": "standard"},
+    "cql": {
+        "actor_hidden": [256, 256, 256],
+        "critic_hidden": [256, 256, 256],
+        "actor_lr": 3e-5,
+        "critic_lr": 3e-4,
+        "temp_lr": 3e-5,
+        "alpha_lr": 0.0,
+        "initial_alpha": 1.0,
+        "conservative_weight": 10.0,
+        "n_action_samples": 10,
+        "batch_size": 256,
+        "tau": 0.005,
+        "gamma": 0.99,
+        "observation_scaler": "standard",
+    },
     # Decision Transformer (d3rlpy's own D4RL reproduction settings = CORL architecture).
-    "dt": {"embed_dim": 128, "num_layers": 3, "num_heads": 1, "dropout": 0.1, "lr": 1e-4,
-           "batch_size": 64, "warmup_steps": 10000, "weight_decay": 1e-4, "clip_grad_norm": 0.25,
-           "reward_scale": 0.001, "max_timestep": 1000, "target_return": 6000.0,
-           "observation_scaler": "standard"},
+    "dt": {
+        "embed_dim": 128,
+        "num_layers": 3,
+        "num_heads": 1,
+        "dropout": 0.1,
+        "lr": 1e-4,
+        "batch_size": 64,
+        "warmup_steps": 10000,
+        "weight_decay": 1e-4,
+        "clip_grad_norm": 0.25,
+        "reward_scale": 0.001,
+        "max_timestep": 1000,
+        "target_return": 6000.0,
+        "observation_scaler": "standard",
+    },
 }
 # Cal-QL: d3rlpy's CalQL is its CQL with the policy-action values bounded below by the discounted
 # Monte-Carlo return (gamma) of each sampled transition; CQL's settings, as dtlab's conf/calql.yaml.
@@ -88,22 +130,16 @@ HPARAMS["calql"] = dict(HPARAMS["cql"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset-dir", type=Path, required=True,
-                   help="Minari dataset folder holding data/main_data.hdf5 and data/metadata.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset-dir", type=Path, required=True, help="Minari dataset folder holding data/main_data.hdf5 and data/metadata.json")
     p.add_argument("--algo", choices=ALGOS, required=True)
     p.add_argument("--mode", choices=("speed", "quality"), default="quality")
-    p.add_argument("--updates", type=int, default=None,
-                   help="gradient updates (timed updates in speed mode); default 500 for speed, "
-                        "10000 for quality")
+    p.add_argument("--updates", type=int, default=None, help="gradient updates (timed updates in speed mode); default 500 for speed, 10000 for quality")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="default: 256 for BC/TD3+BC/IQL/CQL/Cal-QL, 64 for DT")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 for BC/TD3+BC/IQL/CQL/Cal-QL, 64 for DT")
     p.add_argument("--context", type=int, default=20, help="DT context length")
-    p.add_argument("--target-return", type=float, default=HPARAMS["dt"]["target_return"],
-                   help="DT evaluation target return (6000 for HalfCheetah)")
+    p.add_argument("--target-return", type=float, default=HPARAMS["dt"]["target_return"], help="DT evaluation target return (6000 for HalfCheetah)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--warmup", type=int, default=20, help="untimed updates before timing (speed)")
     p.add_argument("--chunks", type=int, default=5, help="timing chunks (speed)")
@@ -125,13 +161,12 @@ if ARGS is not None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import d3rlpy  # noqa: E402
 import gymnasium  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
 import structlog  # noqa: E402
+import torch  # noqa: E402
 
 # d3rlpy logs every setup step at info/debug level through structlog; keep warnings only.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -179,57 +214,83 @@ def make_algo(algo: str, args: argparse.Namespace):
     scaler = d3rlpy.preprocessing.StandardObservationScaler()
     if algo == "bc":
         config = d3rlpy.algos.BCConfig(
-            batch_size=args.batch_size, learning_rate=hp["lr"], policy_type=hp["policy_type"],
-            encoder_factory=enc(hp["hidden"]), observation_scaler=scaler)
+            batch_size=args.batch_size, learning_rate=hp["lr"], policy_type=hp["policy_type"], encoder_factory=enc(hp["hidden"]), observation_scaler=scaler
+        )
     elif algo == "td3bc":
         config = d3rlpy.algos.TD3PlusBCConfig(
-            batch_size=args.batch_size, actor_learning_rate=hp["actor_lr"],
-            critic_learning_rate=hp["critic_lr"], alpha=hp["alpha"], tau=hp["tau"], gamma=hp["gamma"],
+            batch_size=args.batch_size,
+            actor_learning_rate=hp["actor_lr"],
+            critic_learning_rate=hp["critic_lr"],
+            alpha=hp["alpha"],
+            tau=hp["tau"],
+            gamma=hp["gamma"],
             target_smoothing_sigma=hp["target_smoothing_sigma"],
             target_smoothing_clip=hp["target_smoothing_clip"],
             update_actor_interval=hp["update_actor_interval"],
             actor_encoder_factory=enc(hp["actor_hidden"]),
-            critic_encoder_factory=enc(hp["critic_hidden"]), observation_scaler=scaler)
+            critic_encoder_factory=enc(hp["critic_hidden"]),
+            observation_scaler=scaler,
+        )
     elif algo == "iql":
         config = d3rlpy.algos.IQLConfig(
-            batch_size=args.batch_size, actor_learning_rate=hp["actor_lr"],
-            critic_learning_rate=hp["critic_lr"], expectile=hp["expectile"],
-            weight_temp=hp["weight_temp"], max_weight=hp["max_weight"], tau=hp["tau"], gamma=hp["gamma"],
-            actor_optim_factory=d3rlpy.optimizers.AdamFactory(
-                lr_scheduler_factory=d3rlpy.optimizers.CosineAnnealingLRFactory(T_max=args.updates)),
+            batch_size=args.batch_size,
+            actor_learning_rate=hp["actor_lr"],
+            critic_learning_rate=hp["critic_lr"],
+            expectile=hp["expectile"],
+            weight_temp=hp["weight_temp"],
+            max_weight=hp["max_weight"],
+            tau=hp["tau"],
+            gamma=hp["gamma"],
+            actor_optim_factory=d3rlpy.optimizers.AdamFactory(lr_scheduler_factory=d3rlpy.optimizers.CosineAnnealingLRFactory(T_max=args.updates)),
             actor_encoder_factory=enc(hp["actor_hidden"]),
             critic_encoder_factory=enc(hp["critic_hidden"]),
-            value_encoder_factory=enc(hp["value_hidden"]), observation_scaler=scaler)
+            value_encoder_factory=enc(hp["value_hidden"]),
+            observation_scaler=scaler,
+        )
     elif algo in ("cql", "calql"):
         config_class = d3rlpy.algos.CQLConfig if algo == "cql" else d3rlpy.algos.CalQLConfig
         config = config_class(
-            batch_size=args.batch_size, actor_learning_rate=hp["actor_lr"],
-            critic_learning_rate=hp["critic_lr"], temp_learning_rate=hp["temp_lr"],
-            alpha_learning_rate=hp["alpha_lr"], initial_alpha=hp["initial_alpha"],
-            conservative_weight=hp["conservative_weight"], n_action_samples=hp["n_action_samples"],
-            tau=hp["tau"], gamma=hp["gamma"],
+            batch_size=args.batch_size,
+            actor_learning_rate=hp["actor_lr"],
+            critic_learning_rate=hp["critic_lr"],
+            temp_learning_rate=hp["temp_lr"],
+            alpha_learning_rate=hp["alpha_lr"],
+            initial_alpha=hp["initial_alpha"],
+            conservative_weight=hp["conservative_weight"],
+            n_action_samples=hp["n_action_samples"],
+            tau=hp["tau"],
+            gamma=hp["gamma"],
             actor_encoder_factory=enc(hp["actor_hidden"]),
-            critic_encoder_factory=enc(hp["critic_hidden"]), observation_scaler=scaler)
+            critic_encoder_factory=enc(hp["critic_hidden"]),
+            observation_scaler=scaler,
+        )
     else:
         config = d3rlpy.algos.DecisionTransformerConfig(
-            batch_size=args.batch_size, learning_rate=hp["lr"], context_size=args.context,
-            max_timestep=hp["max_timestep"], num_heads=hp["num_heads"], num_layers=hp["num_layers"],
-            attn_dropout=hp["dropout"], resid_dropout=hp["dropout"], embed_dropout=hp["dropout"],
-            encoder_factory=d3rlpy.models.VectorEncoderFactory(
-                hidden_units=[hp["embed_dim"]], exclude_last_activation=True),
+            batch_size=args.batch_size,
+            learning_rate=hp["lr"],
+            context_size=args.context,
+            max_timestep=hp["max_timestep"],
+            num_heads=hp["num_heads"],
+            num_layers=hp["num_layers"],
+            attn_dropout=hp["dropout"],
+            resid_dropout=hp["dropout"],
+            embed_dropout=hp["dropout"],
+            encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[hp["embed_dim"]], exclude_last_activation=True),
             optim_factory=d3rlpy.optimizers.GPTAdamWFactory(
-                weight_decay=hp["weight_decay"], clip_grad_norm=hp["clip_grad_norm"],
-                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(
-                    warmup_steps=hp["warmup_steps"])),
+                weight_decay=hp["weight_decay"],
+                clip_grad_norm=hp["clip_grad_norm"],
+                lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=hp["warmup_steps"]),
+            ),
             reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(hp["reward_scale"]),
-            observation_scaler=scaler)
+            observation_scaler=scaler,
+        )
     return config.create(device="cpu:0")
 
 
 def build(algo, dataset) -> None:
     """What fit() does before its loop: fit the scalers on the data, build the networks."""
-    from d3rlpy.algos.utility import (build_scalers_with_trajectory_slicer,
-                                      build_scalers_with_transition_picker)
+    from d3rlpy.algos.utility import build_scalers_with_trajectory_slicer, build_scalers_with_transition_picker
+
     if isinstance(algo, d3rlpy.algos.DecisionTransformer):
         build_scalers_with_trajectory_slicer(algo, dataset)
     else:
@@ -255,10 +316,13 @@ def measure_speed(algo, dataset, args: argparse.Namespace) -> dict:
             algo.update(sample())
         chunk_rates.append(size / (time.perf_counter() - t0))
     total = time.perf_counter() - start
-    return {"updates_per_s_median": statistics.median(chunk_rates),
-            "updates_per_s_overall": args.updates / total,
-            "chunk_updates_per_s": chunk_rates, "timed_seconds": total,
-            "timing": "sample_batch+update (d3rlpy replay buffer), warm-up excluded"}
+    return {
+        "updates_per_s_median": statistics.median(chunk_rates),
+        "updates_per_s_overall": args.updates / total,
+        "chunk_updates_per_s": chunk_rates,
+        "timed_seconds": total,
+        "timing": "sample_batch+update (d3rlpy replay buffer), warm-up excluded",
+    }
 
 
 @contextlib.contextmanager
@@ -298,8 +362,9 @@ def evaluate(algo, env_id: str, episodes: int, target_return: float) -> list[flo
 
 
 def train_and_evaluate(algo, dataset, metadata: dict, args: argparse.Namespace) -> dict:
-    fit_kwargs = dict(n_steps=args.updates, n_steps_per_epoch=args.updates, show_progress=False,
-                      logger_adapter=d3rlpy.logging.NoopAdapterFactory(), with_timestamp=False)
+    fit_kwargs = dict(
+        n_steps=args.updates, n_steps_per_epoch=args.updates, show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), with_timestamp=False
+    )
     t0 = time.perf_counter()
     algo.fit(dataset, **fit_kwargs)
     train_s = time.perf_counter() - t0
@@ -309,11 +374,21 @@ def train_and_evaluate(algo, dataset, metadata: dict, args: argparse.Namespace) 
     eval_s = time.perf_counter() - t0
     lo, hi = metadata["ref_min_score"], metadata["ref_max_score"]
     scores = [100.0 * (r - lo) / (hi - lo) for r in returns]
-    return {"env_id": env_id, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores)),
-            "returns": returns, "normalized_scores": scores, "eval_seeds": list(range(args.eval_episodes)),
-            "ref_min_score": lo, "ref_max_score": hi, "train_seconds": train_s, "eval_seconds": eval_s,
-            "train_updates_per_s": args.updates / train_s}
+    return {
+        "env_id": env_id,
+        "return_mean": float(np.mean(returns)),
+        "return_std": float(np.std(returns)),
+        "normalized_score_mean": float(np.mean(scores)),
+        "normalized_score_std": float(np.std(scores)),
+        "returns": returns,
+        "normalized_scores": scores,
+        "eval_seeds": list(range(args.eval_episodes)),
+        "ref_min_score": lo,
+        "ref_max_score": hi,
+        "train_seconds": train_s,
+        "eval_seconds": eval_s,
+        "train_updates_per_s": args.updates / train_s,
+    }
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -333,29 +408,44 @@ def main(args: argparse.Namespace) -> dict:
     if args.algo == "dt":
         hparams.update(context=args.context, target_return=args.target_return)
     record = {
-        "framework": "d3rlpy", "algo": args.algo, "mode": args.mode,
-        "dataset_id": metadata.get("dataset_id"), "dataset_dir": str(dataset_dir),
-        "updates": args.updates, "seed": args.seed, "threads": args.threads,
+        "framework": "d3rlpy",
+        "algo": args.algo,
+        "mode": args.mode,
+        "dataset_id": metadata.get("dataset_id"),
+        "dataset_dir": str(dataset_dir),
+        "updates": args.updates,
+        "seed": args.seed,
+        "threads": args.threads,
         "eval_episodes": args.eval_episodes if args.mode == "quality" else None,
         "warmup": args.warmup if args.mode == "speed" else None,
         "chunks": args.chunks if args.mode == "speed" else None,
-        "hparams": hparams, "n_transitions": int(dataset.transition_count),
-        "n_episodes": len(dataset.episodes), "load_seconds": load_s, **results,
-        "versions": {"d3rlpy": d3rlpy.__version__, "torch": torch.__version__,
-                     "gymnasium": gymnasium.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                 "loadavg_1m_at_end": os.getloadavg()[0]},
+        "hparams": hparams,
+        "n_transitions": int(dataset.transition_count),
+        "n_episodes": len(dataset.episodes),
+        "load_seconds": load_s,
+        **results,
+        "versions": {
+            "d3rlpy": d3rlpy.__version__,
+            "torch": torch.__version__,
+            "gymnasium": gymnasium.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_1m_at_end": os.getloadavg()[0]},
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     head = f"d3rlpy {args.algo} {record['dataset_id']} seed={args.seed} threads={args.threads}"
     if args.mode == "speed":
-        print(f"{head}: {results['updates_per_s_median']:.1f} updates/s median of {args.chunks} chunks "
-              f"({results['updates_per_s_overall']:.1f} overall, {args.updates} updates, batch {args.batch_size})")
+        print(
+            f"{head}: {results['updates_per_s_median']:.1f} updates/s median of {args.chunks} chunks "
+            f"({results['updates_per_s_overall']:.1f} overall, {args.updates} updates, batch {args.batch_size})"
+        )
     else:
-        print(f"{head}: {args.updates} updates, return {results['return_mean']:.1f} "
-              f"± {results['return_std']:.1f}, normalised score {results['normalized_score_mean']:.1f} "
-              f"over {args.eval_episodes} episodes (train {results['train_seconds']:.0f}s)")
+        print(
+            f"{head}: {args.updates} updates, return {results['return_mean']:.1f} "
+            f"± {results['return_std']:.1f}, normalised score {results['normalized_score_mean']:.1f} "
+            f"over {args.eval_episodes} episodes (train {results['train_seconds']:.0f}s)"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as f:

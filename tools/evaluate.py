@@ -1,6 +1,6 @@
 """Score a trained dtlab checkpoint in its dataset's environment (the checkpoint alone is enough).
 
-    python tools/evaluate.py runs/bc/version_0/checkpoints/last.ckpt --episodes 20 --seed 0
+python tools/evaluate.py runs/bc/version_0/checkpoints/last.ckpt --episodes 20 --seed 0
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
 
-from dtlab.envs import Agent
 from dtlab.data.recording import EMBEDDED_DATASETS, PolicyAgent, cartpole_balance, pendulum_swingup, random_policy, record_dataset
+from dtlab.envs import Agent
 
 SCRIPTED = {"pendulum": pendulum_swingup, "cartpole": cartpole_balance}
 
@@ -75,12 +75,22 @@ def main() -> None:
             parser.error("--id and --env are required (or --embedded)")
         expert = agent_factory(args.expert, args.env, 0.0, args.seed + 1) if args.expert else None
         dataset = record_dataset(
-            args.id, args.env, agent_factory(args.policy, args.env, args.noise, args.seed), args.episodes, seed=args.seed,
-            ref_min_score=args.ref_min, ref_max_score=args.ref_max, expert=(lambda: expert(0)) if expert else None,
-            description=f"{args.policy} policy in {args.env}", algorithm_name=args.policy, overwrite=args.overwrite,
+            args.id,
+            args.env,
+            agent_factory(args.policy, args.env, args.noise, args.seed),
+            args.episodes,
+            seed=args.seed,
+            ref_min_score=args.ref_min,
+            ref_max_score=args.ref_max,
+            expert=(lambda: expert(0)) if expert else None,
+            description=f"{args.policy} policy in {args.env}",
+            algorithm_name=args.policy,
+            overwrite=args.overwrite,
         )
     meta = dataset.storage.metadata
-    print(f"{meta['dataset_id']}: {meta['total_episodes']} episodes, {meta['total_steps']} steps, refs random {meta['ref_min_score']:.1f} / expert {meta['ref_max_score']:.1f}")
+    print(
+        f"{meta['dataset_id']}: {meta['total_episodes']} episodes, {meta['total_steps']} steps, refs random {meta['ref_min_score']:.1f} / expert {meta['ref_max_score']:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from dtlab.plots import plot_return_conditioning
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a DecisionTransformer checkpoint (.ckpt)")
-    p.add_argument("--targets", type=float, nargs="+", default=None,
-                   help="target returns; default: 8 from the data's worst return to 1.2 x the expert's")
+    p.add_argument("--targets", type=float, nargs="+", default=None, help="target returns; default: 8 from the data's worst return to 1.2 x the expert's")
     p.add_argument("--episodes", type=int, default=5, help="episodes per target")
     p.add_argument("--seed", type=int, default=0, help="first episode seed")
     p.add_argument("--threads", type=int, default=1)

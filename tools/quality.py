@@ -31,10 +31,15 @@ def train_one(config: list[str], dataset: str, seed: int, epochs: int | None, ex
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     trainer = cli.trainer
     return {
-        "config": config, "dataset": dataset, "seed": seed, "extra": extra,
+        "config": config,
+        "dataset": dataset,
+        "seed": seed,
+        "extra": extra,
         "updates": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
-        "threads": torch.get_num_threads(), "precision": str(trainer.precision), "log_dir": trainer.log_dir,
+        "threads": torch.get_num_threads(),
+        "precision": str(trainer.precision),
+        "log_dir": trainer.log_dir,
         **metrics,
     }
 
@@ -63,8 +68,18 @@ def main() -> None:
         append_json(args.json, row)
         print(json.dumps(row), flush=True)
     scores = np.array([r["eval/normalized_score"] for r in results])
-    summary = {"config": args.config, "dataset": args.dataset, "seeds": args.seeds, "updates": results[0]["updates"], "normalized_score_mean": round(float(scores.mean()), 1), "normalized_score_std": round(float(scores.std()), 1), "extra": args.extra}
-    print(f"{' + '.join(args.config)} on {args.dataset}, {len(scores)} seeds, {summary['updates']} updates: normalised score {scores.mean():.1f} ± {scores.std():.1f}")
+    summary = {
+        "config": args.config,
+        "dataset": args.dataset,
+        "seeds": args.seeds,
+        "updates": results[0]["updates"],
+        "normalized_score_mean": round(float(scores.mean()), 1),
+        "normalized_score_std": round(float(scores.std()), 1),
+        "extra": args.extra,
+    }
+    print(
+        f"{' + '.join(args.config)} on {args.dataset}, {len(scores)} seeds, {summary['updates']} updates: normalised score {scores.mean():.1f} ± {scores.std():.1f}"
+    )
     append_json(args.json, summary)
 
 

@@ -8,7 +8,8 @@ a plain PyTorch loop (`tools/bench_value.py` measures what Lightning costs per u
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.core.optimizer import do_nothing_closure
@@ -83,7 +84,9 @@ class ActorCriticModule(OfflineRLModule):
             mc_returns=None if batch.mc_returns is None else batch.mc_returns * self.reward_factor,
         )
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
+    def update(
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+    ) -> dict[str, torch.Tensor]:
         """One iteration of the algorithm on a prepared batch (`step`: updates done before it); returns
         metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         raise NotImplementedError

@@ -35,10 +35,7 @@ class OfflineRLModule(L.LightningModule):
     def __init__(self, spec: dict[str, Any] | None) -> None:
         super().__init__()
         if spec is None:
-            raise ValueError(
-                f"{type(self).__name__} needs the dataset spec: the CLI links it from the DataModule; "
-                "in Python pass `spec=datamodule.spec`."
-            )
+            raise ValueError(f"{type(self).__name__} needs the dataset spec: the CLI links it from the DataModule; in Python pass `spec=datamodule.spec`.")
         self.spec = DatasetSpec.from_dict(spec)
 
     @property

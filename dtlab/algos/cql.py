@@ -13,23 +13,23 @@ With `lagrange`, α′ is learned so that the gap stays near `target_action_gap`
 Defaults (conf/cql.yaml): CORL's configs/offline/cql/halfcheetah/{medium,full_replay}_v2.yaml
 with its cql.py: actor and critics 256x3, policy lr 3e-5 (also the entropy temperature's), critic
 lr 3e-4, batch 256, γ 0.99, Polyak 5e-3, cql_alpha 10, 10 sampled actions, importance sampling, no
-Lagrange, no entropy in the backup, standardised observations. Three departures, each measured on
-HalfCheetah full-replay at 3k updates (tools/results/value/cql_ablation.jsonl): PyTorch's default
-initialisation of critics and actor instead of CORL's orthogonal critics and small, σ ≈ 0.37 actor
-head, and the policy's mean action in the TD target (as d3rlpy) instead of a sample. CORL's
-choices scored 12.7 ± 11.2 over 3 seeds; the defaults here 68.9 ± 1.9 (d3rlpy's CQL: ~70).
+Lagrange, no entropy in the backup, standardised observations. Three departures, as d3rlpy: PyTorch's
+default initialisation of critics and actor instead of CORL's orthogonal critics and small, σ ≈ 0.37
+actor head, and the policy's mean action in the TD target instead of a sample; each is an option, and
+the ablation that chose them is in docs/results.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, soft_update
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
+from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, soft_update
 
 
 class CQL(ActorCriticModule):
@@ -178,13 +178,21 @@ class CQL(ActorCriticModule):
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
+    def update(
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+    ) -> dict[str, torch.Tensor]:
         """One CQL iteration on a prepared batch. All losses come from the same parameters (as in the
         authors' and CORL's code), then each of α, π, Q (and α′) takes its own step; Polyak update.
         `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         actor_loss, log_pi = self.actor_loss(batch)
         critic_loss, gap = self.critic_loss(batch)
-        metrics = {"actor_loss": actor_loss.detach(), "critic_loss": critic_loss.detach(), "cql_gap": gap.mean(), "alpha": self.log_alpha.exp().detach(), "entropy": -log_pi.mean()}
+        metrics = {
+            "actor_loss": actor_loss.detach(),
+            "critic_loss": critic_loss.detach(),
+            "cql_gap": gap.mean(),
+            "alpha": self.log_alpha.exp().detach(),
+            "entropy": -log_pi.mean(),
+        }
         total = actor_loss + critic_loss
         if self.hparams.learn_alpha:
             total = total + self.alpha_loss(log_pi)

@@ -12,7 +12,8 @@ At evaluation the first R̂ is the return we ask for; it is decremented by every
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -75,7 +76,9 @@ class DTPolicy(Normalizer):
         out = self.model.predict_action(state_hidden)  # tanh'd when continuous
         return out if self.discrete else self.action_scaler(out)
 
-    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, K, ...) windows -> (B, K, act_dim): the prediction for a_t from the s_t token."""
         b, k = mask.shape
         tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
@@ -114,8 +117,7 @@ class DecisionTransformer(OfflineRLModule):
         embedding_init: initialisation of the return/state/action embeddings and the action head. "torch":
             PyTorch's layer defaults, as in the authors' code and d3rlpy (the random biases keep a return's
             magnitude visible after embed_ln, which is scale-invariant); "gpt2": transformers' N(0, 0.02)
-            with zero biases. The timestep embedding is N(0, 0.02) either way (as d3rlpy). HalfCheetah
-            full-replay, seed 1, 3k updates: 74.6 with "torch", 59.3 with "gpt2" (tools/results/dt/).
+            with zero biases. The timestep embedding is N(0, 0.02) either way (as d3rlpy). Measured: docs/results.md.
     """
 
     run_name = "dt"
@@ -180,7 +182,9 @@ class DecisionTransformer(OfflineRLModule):
     def batch_format(self) -> BatchFormat:
         return BatchFormat("windows", context_len=self.hparams.context_len)
 
-    def forward(self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         return self.policy(observations, actions, returns_to_go, timesteps, mask)
 
     def init_embeddings(self, scheme: str) -> None:
@@ -230,7 +234,9 @@ class DecisionTransformer(OfflineRLModule):
         targets = self.hparams.eval_targets
         return [float(t) for t in targets] if targets else default_targets(self.spec)
 
-    def make_agent(self, num_envs: int, target_returns: Sequence[float] | float | None = None, use_cache: bool = True, next_step_autoreset: bool = True) -> DTAgent:
+    def make_agent(
+        self, num_envs: int, target_returns: Sequence[float] | float | None = None, use_cache: bool = True, next_step_autoreset: bool = True
+    ) -> DTAgent:
         """The policy over `num_envs` envs, each conditioned on its target return (default: the primary
         eval target). Call `.eval()` first outside training, or dropout stays on.
         `next_step_autoreset`: the envs reset on the step after an episode ends (gymnasium's default)."""

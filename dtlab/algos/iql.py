@@ -17,12 +17,13 @@ false), no dropout.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, soft_update
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
+from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, soft_update
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -121,7 +122,9 @@ class IQL(ActorCriticModule):
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
+    def update(
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+    ) -> dict[str, torch.Tensor]:
         """One IQL iteration on a prepared batch: π, Q and V steps, cosine actor LR, Polyak update.
         `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         value_loss, advantage = self.value_loss(batch)
@@ -138,7 +141,6 @@ class IQL(ActorCriticModule):
             scheduler.step()
         soft_update(self.critic_target, self.critic, self.hparams.tau)
         return {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "advantage": advantage.mean()}
-
 
     def schedule_length(self) -> int:
         """Updates the actor's cosine schedule spans: lr_schedule_updates, else the whole fit."""

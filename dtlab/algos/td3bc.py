@@ -11,13 +11,14 @@ Defaults (conf/td3bc.yaml) are the paper's, which CORL's td3_bc.py keeps for eve
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, soft_update
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
+from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, soft_update
 
 
 class TD3BC(ActorCriticModule):
@@ -98,7 +99,9 @@ class TD3BC(ActorCriticModule):
 
     # -- one update ------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0) -> dict[str, torch.Tensor]:
+    def update(
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+    ) -> dict[str, torch.Tensor]:
         """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
         and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         actor_opt, critic_opt = optimizers

@@ -15,8 +15,9 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import datasets
 import gymnasium as gym
@@ -54,7 +55,9 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
         local = ", ".join(local_dataset_ids()) or "none"
         where = f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, or build one with `python tools/make_dataset.py`."
         if not hub_reachable():  # Minari would retry for ~25 s before failing
-            raise DatasetError(f"Dataset '{dataset_id}' is not in {minari_root()}, and the HuggingFace Hub (Minari's remote) cannot be reached to download it. {where}")
+            raise DatasetError(
+                f"Dataset '{dataset_id}' is not in {minari_root()}, and the HuggingFace Hub (Minari's remote) cannot be reached to download it. {where}"
+            )
         try:
             minari.download_dataset(dataset_id)
         except Exception as err:  # unknown remote id, ...
@@ -91,7 +94,9 @@ def _check_metadata(dataset_id: str) -> None:
     try:
         metadata = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DatasetError(f"Dataset '{dataset_id}': {path} is missing. Restore it, or delete {dataset_dir(dataset_id).parent} and regenerate the dataset.") from None
+        raise DatasetError(
+            f"Dataset '{dataset_id}': {path} is missing. Restore it, or delete {dataset_dir(dataset_id).parent} and regenerate the dataset."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"Dataset '{dataset_id}': {path} is not valid JSON ({err}). Fix the file, or regenerate the dataset.") from None
     if not isinstance(metadata, dict):
@@ -110,8 +115,7 @@ def _flatten(obs: Any, space: gym.Space) -> np.ndarray:
 def _check_episode(dataset_id: str, i: int, obs: np.ndarray, actions: np.ndarray, ep) -> None:
     def fail(what: str) -> None:
         raise DatasetError(
-            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset "
-            f"(e.g. `python tools/make_dataset.py`); nothing was cached."
+            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset (e.g. `python tools/make_dataset.py`); nothing was cached."
         )
 
     steps = len(ep.rewards)
@@ -134,7 +138,9 @@ def _check_episode(dataset_id: str, i: int, obs: np.ndarray, actions: np.ndarray
 def _episode_arrays(dataset_id: str, ds: minari.MinariDataset) -> dict[str, np.ndarray]:
     """Read and validate every episode; return flat per-transition arrays."""
     obs_space, act_space = ds.spec.observation_space, ds.spec.action_space
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")
+    }
     try:
         episodes = ds.iterate_episodes()
         for i, ep in enumerate(episodes):
@@ -258,7 +264,9 @@ def _check_cache_dir(root: Path, dataset_id: str) -> None:
         raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror}). {fix}.") from None
     free = shutil.disk_usage(root).free
     if free < needed:
-        raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {fix}.")
+        raise DatasetError(
+            f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {fix}."
+        )
 
 
 def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
@@ -278,7 +286,9 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
                     datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
                 (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
             except OSError as err:
-                raise DatasetError(f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room.") from None
+                raise DatasetError(
+                    f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room."
+                ) from None
             try:
                 os.rename(partial, final)
             except OSError:  # another process finished the same conversion first

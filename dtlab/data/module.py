@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -114,12 +115,16 @@ class OfflineDataModule(L.LightningDataModule):
         self.seed, self.in_memory, self.clip_actions = seed, in_memory, clip_actions
         self._transitions: Transitions | None = None
 
-    @property
-    def transitions(self) -> Transitions:
+    def setup(self, stage: str | None = None) -> None:
+        """Load the dataset (validated and converted to the Arrow cache on first use), once."""
         if self._transitions is None:
             columns, spec = load_columns(self.dataset_id, COLUMNS)
             columns["actions"] = checked_actions(columns, spec, self.clip_actions)
             self._transitions = Transitions(columns, spec, self.in_memory)
+
+    @property
+    def transitions(self) -> Transitions:
+        self.setup()
         return self._transitions
 
     @property

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import minari
@@ -18,8 +19,8 @@ import numpy as np
 from minari.data_collector import EpisodeBuffer
 from tqdm.auto import tqdm
 
-from dtlab.envs import Agent
 from dtlab.data.paths import dataset_dir, minari_root
+from dtlab.envs import Agent
 from dtlab.spec import DatasetError
 
 Policy = Callable[[np.ndarray], Any]  # one raw observation -> one action
@@ -86,8 +87,13 @@ def run_episode(env: gym.Env, agent: Agent, seed: int) -> EpisodeBuffer:
         truncations.append(bool(truncated))
         done = terminated or truncated
     return EpisodeBuffer(
-        id=None, seed=seed, observations=np.stack(observations), actions=np.stack(actions),
-        rewards=rewards, terminations=terminations, truncations=truncations,
+        id=None,
+        seed=seed,
+        observations=np.stack(observations),
+        actions=np.stack(actions),
+        rewards=rewards,
+        terminations=terminations,
+        truncations=truncations,
     )
 
 
@@ -138,8 +144,16 @@ def record_dataset(
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
         minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=env_id, eval_env=env_id, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-            description=description, algorithm_name=algorithm_name, author="dtlab", data_format="hdf5",
+            dataset_id,
+            buffers,
+            env=env_id,
+            eval_env=env_id,
+            ref_min_score=ref_min_score,
+            ref_max_score=ref_max_score,
+            description=description,
+            algorithm_name=algorithm_name,
+            author="dtlab",
+            data_format="hdf5",
         )
         target = root / dataset_id
         if target.exists():
@@ -164,10 +178,15 @@ def make_pendulum_scripted(dataset_id: str = "pendulum/scripted-v0", num_episode
     rng = np.random.default_rng(seed)
     noise = rng.uniform(0.0, 2.0, size=num_episodes)
     return record_dataset(
-        dataset_id, "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(noise[i], rng)), num_episodes, seed=seed,
+        dataset_id,
+        "Pendulum-v1",
+        lambda i: PolicyAgent(pendulum_swingup(noise[i], rng)),
+        num_episodes,
+        seed=seed,
         expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)),
         description="Pendulum-v1 swing-up controller with per-episode Gaussian action noise (std uniform in [0, 2]).",
-        algorithm_name="scripted energy-pumping swing-up + PD", overwrite=overwrite,
+        algorithm_name="scripted energy-pumping swing-up + PD",
+        overwrite=overwrite,
     )
 
 
