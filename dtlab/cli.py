@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -33,6 +35,10 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 # A resumed run continues its own folder: dtlab's CSVLogger keeps the rows Lightning's warning says it deletes.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with descriptions printed as written (examples keep their lines)."""
 
 
 class DTLabCLI(LightningCLI):
@@ -109,15 +115,36 @@ class DTLabCLI(LightningCLI):
         return str(ckpt)
 
 
+DESCRIPTION = """dtlab: offline reinforcement learning on PyTorch Lightning.
+
+Train a policy from logged data (a Minari dataset) with one of dtlab's algorithms:
+
+    dtlab fit -c conf/dt.yaml                                   # the embedded Pendulum data, no download
+    dtlab fit -c conf/iql.yaml --data.dataset_id halfcheetah/medium-v0
+    dtlab fit -c conf/iql.yaml --print_config                   # every setting and its default
+    dtlab fit --model.help IQL                                  # one algorithm's arguments
+"""
+
+
+def fit_description() -> str:
+    lines = [f"    {name:<20} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in ALGORITHMS.items()]
+    return "Train an algorithm (--model NAME, or -c conf/<algo>.yaml). The algorithms:\n\n" + "\n".join(lines)
+
+
 def run_cli(args: list[str] | None = None) -> DTLabCLI:
     """Parse `args` (default: sys.argv), instantiate and run the subcommand; returns the CLI object."""
+    base = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     return DTLabCLI(
         OfflineRLModule,
         OfflineDataModule,
         subclass_mode_model=True,
         args=args,
         auto_configure_optimizers=False,  # each algorithm builds its own optimisers (several, with schedules)
-        parser_kwargs={"fit": {"default_config_files": [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []}},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "formatter_class": HelpFormatter,
+            "fit": {"default_config_files": base, "description": fit_description(), "formatter_class": HelpFormatter},
+        },
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "num_sanity_val_steps": 0,
@@ -134,6 +161,11 @@ USER_ERRORS = (DatasetError, CheckpointError, DivergenceError)  # DatasetError c
 
 def main() -> None:
     """Console entry point `dtlab`: errors the user can fix print as one message (DTLAB_DEBUG=1 for the traceback)."""
+    if sys.argv[1:] == ["fit"]:
+        sys.exit(
+            "dtlab fit needs an algorithm: start from a config, e.g. `dtlab fit -c conf/dt.yaml` (a Decision Transformer on the\n"
+            "embedded Pendulum data, no download) or `dtlab fit -c conf/iql.yaml --data.dataset_id <minari id>`; `dtlab fit --help` lists them."
+        )
     try:
         run_cli()
     except USER_ERRORS as err:
