@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dtlab.envs import make_vector_env, rollout
 from dtlab.plots import plot_return_conditioning
+from dtlab.spec import DatasetSpec
 
 
 def episode_seeds(seed: int, episodes: int) -> list[int]:
@@ -50,6 +51,20 @@ def evaluate_returns(module: L.LightningModule, seeds: Sequence[int], targets: S
         env.close()
         module.train(was_training)
     return returns if targets is None else returns.reshape(k, n)
+
+
+def eval_metrics(returns: np.ndarray, targets: Sequence[float] | None, spec: DatasetSpec) -> dict[str, float]:
+    """Metrics of (targets, episodes) returns: eval/return and eval/normalized_score of the first (primary)
+    row, and with targets eval/return/target_<R> (and the score) of each row."""
+    has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
+    metrics = {"eval/return": float(returns[0].mean())}
+    if has_refs:
+        metrics["eval/normalized_score"] = float(np.mean(spec.normalized_score(returns[0])))
+    for target, r in zip(targets or [], returns):
+        metrics[f"eval/return/target_{target:g}"] = float(r.mean())
+        if has_refs:
+            metrics[f"eval/normalized_score/target_{target:g}"] = float(np.mean(spec.normalized_score(r)))
+    return metrics
 
 
 class EnvEvaluation(Callback):
@@ -85,24 +100,21 @@ class EnvEvaluation(Callback):
         if self.enabled(pl_module) and ((trainer.current_epoch + 1) % self.every_n_epochs == 0 or last):
             self.evaluate(trainer, pl_module)
 
+    def rank_seeds(self, rank: int, world_size: int) -> list[int]:
+        """This rank's share of the episode seeds: episode i on rank i mod world size."""
+        return episode_seeds(self.seed, self.episodes)[rank::world_size]
+
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seeds = episode_seeds(self.seed, self.episodes)[trainer.global_rank :: trainer.world_size]
+        seeds = self.rank_seeds(trainer.global_rank, trainer.world_size)
         targets = getattr(pl_module, "eval_targets", None)
+        n_targets = 1 if targets is None else len(targets)
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        local = evaluate_returns(pl_module, seeds, targets, progress=progress) if seeds else np.zeros((len(targets or [0]), 0))
+        local = evaluate_returns(pl_module, seeds, targets, progress=progress) if seeds else np.zeros((n_targets, 0))
         gathered = CatMetric(nan_strategy="disable").to(pl_module.device)  # every rank's episodes, each once
-        gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(-1, len(seeds)).T)
-        returns = gathered.compute().reshape(-1, 1 if targets is None else len(targets)).T.cpu().numpy()  # (targets, episodes)
+        gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(n_targets, len(seeds)).T)
+        returns = gathered.compute().reshape(-1, n_targets).T.cpu().numpy()  # (targets, episodes)
         spec = pl_module.spec
-        has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
-        metrics = {"eval/return": returns[0].mean()}
-        if has_refs:
-            metrics["eval/normalized_score"] = np.mean(spec.normalized_score(returns[0]))
-        for target, r in zip(targets or [], returns):
-            metrics[f"eval/return/target_{target:g}"] = r.mean()
-            if has_refs:
-                metrics[f"eval/normalized_score/target_{target:g}"] = np.mean(spec.normalized_score(r))
-        for name, value in metrics.items():  # identical on every rank: no further reduction
+        for name, value in eval_metrics(returns, targets, spec).items():  # identical on every rank: no further reduction
             pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"))
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if targets is not None and trainer.is_global_zero and log_dir is not None:
