@@ -66,7 +66,7 @@ class DTPolicy(Normalizer):
             # All zeros, as in HF's DT forward: with a cache GPT-2 would otherwise number new tokens
             # past+0, past+1, ... and add position embeddings the model never saw in training.
             position_ids=torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
         return out.last_hidden_state
