@@ -36,11 +36,22 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def toy_spec(obs_dim: int = S, act_dim: int = A) -> dict:
-    return dict(
-        dataset_id="toy", observation_dim=obs_dim, action_dim=act_dim, discrete=False,
-        action_low=[-1.0] * act_dim, action_high=[1.0] * act_dim, obs_mean=[0.0] * obs_dim, obs_std=[1.0] * obs_dim,
-        num_episodes=1, num_transitions=100, max_episode_steps=100, return_min=0.0, return_max=100.0, return_mean=50.0,
-    )
+    return {
+        "dataset_id": "toy",
+        "observation_dim": obs_dim,
+        "action_dim": act_dim,
+        "discrete": False,
+        "action_low": [-1.0] * act_dim,
+        "action_high": [1.0] * act_dim,
+        "obs_mean": [0.0] * obs_dim,
+        "obs_std": [1.0] * obs_dim,
+        "num_episodes": 1,
+        "num_transitions": 100,
+        "max_episode_steps": 100,
+        "return_min": 0.0,
+        "return_max": 100.0,
+        "return_mean": 50.0,
+    }
 
 
 # Non-trivial standardisation and an asymmetric action box: the policies must map through both.
@@ -148,8 +159,10 @@ def make_td3bc(**kwargs) -> tuple[TD3BC, SimpleNamespace]:
     """TD3+BC with known affine networks; online and target networks all differ."""
     model = TD3BC(toy_spec(), **LINEAR, **kwargs)
     nets = SimpleNamespace(
-        actor=Affine(A, S, seed=1), actor_target=Affine(A, S, seed=2, bias=0.8),  # π'(s') ≈ 0.5..0.9: the ±1 clip binds
-        critic=Critics(seed=3, bias=20.0), critic_target=Critics(seed=4),  # Q₁ > 0 on the batch (λ's detach matters)
+        actor=Affine(A, S, seed=1),
+        actor_target=Affine(A, S, seed=2, bias=0.8),  # π'(s') ≈ 0.5..0.9: the ±1 clip binds
+        critic=Critics(seed=3, bias=20.0),
+        critic_target=Critics(seed=4),  # Q₁ > 0 on the batch (λ's detach matters)
     )
     nets.actor.load(model.actor.net[0])
     nets.actor_target.load(model.actor_target.net[0])
@@ -241,8 +254,11 @@ def test_td3bc_actor_step_ascends_q_and_descends_bc(term: str) -> None:
 def make_iql(**kwargs) -> tuple[IQL, SimpleNamespace]:
     model = IQL(toy_spec(), value_hidden_dims=(), **LINEAR, **kwargs)
     nets = SimpleNamespace(
-        actor=Affine(A, S, seed=11), log_std=torch.tensor([-0.3, 0.4], dtype=torch.float64),
-        critic=Critics(seed=12), critic_target=Critics(seed=13), value=Affine(1, S, seed=14, bias=-2.0),
+        actor=Affine(A, S, seed=11),
+        log_std=torch.tensor([-0.3, 0.4], dtype=torch.float64),
+        critic=Critics(seed=12),
+        critic_target=Critics(seed=13),
+        value=Affine(1, S, seed=14, bias=-2.0),
     )
     nets.actor.load(model.actor.net[0])
     if not model.hparams.deterministic_actor:
@@ -334,7 +350,10 @@ def test_iql_update_gives_each_network_its_own_gradient() -> None:
     model.update(batch, opts, backward, scheds, step=0)
 
     v_W, v_b = nets.value.leaves()
-    value = lambda x: (x.double() @ v_W.T + v_b)[:, 0]  # noqa: E731
+
+    def value(x: torch.Tensor) -> torch.Tensor:
+        return (x.double() @ v_W.T + v_b)[:, 0]
+
     q_target = nets.critic_target(s, a).min(0).values
     g_vW, g_vb = torch.autograd.grad(expectile(q_target - value(s), 0.7), [v_W, v_b])
     close(model.value.net[0].weight.grad, g_vW)
@@ -577,6 +596,7 @@ def test_policy_standardises_and_scales_to_an_asymmetric_box(name: str) -> None:
 
 
 def test_discrete_policy_is_the_argmax_of_the_standardised_logits() -> None:
+    """policy(s) = argmax_k (z Wᵀ + b)_k, z = (s − mean)/std. Catches a skipped standardisation or argmin/sampling."""
     model = BC(DISCRETE_SPEC, hidden_dims=())
     actor = Affine(3, S, seed=34, scale=2.0)
     actor.load(model.policy.actor.net[0])
@@ -622,16 +642,22 @@ def dt_reference(model: DecisionTransformer, w: WindowBatch, discrete: bool) -> 
     actions = torch.nn.functional.one_hot(w.actions, 3).float() if discrete else to_unit(w.actions).float()
     with torch.no_grad():
         preds = model.model(
-            states=standardise(w.observations).float(), actions=actions, rewards=w.rewards, returns_to_go=w.returns_to_go * model.hparams.rtg_scale,
-            timesteps=w.timesteps, attention_mask=w.mask,
+            states=standardise(w.observations).float(),
+            actions=actions,
+            rewards=w.rewards,
+            returns_to_go=w.returns_to_go * model.hparams.rtg_scale,
+            timesteps=w.timesteps,
+            attention_mask=w.mask,
         ).action_preds.double()
     return preds if discrete else to_box(preds)
 
 
 def test_dt_policy_standardises_and_scales_to_an_asymmetric_box() -> None:
+    """DTPolicy = low + (â + 1)/2 · (high − low), â = transformers' DT on (s − mean)/std, unit-box actions and
+    R̂ · rtg_scale. Catches a skipped standardisation, raw actions or returns fed in, an unscaled head."""
     model, w = tiny_dt(ASYM_SPEC), dt_windows(discrete=False)
     with torch.no_grad():
-        got = model(w.observations, w.actions, w.returns_to_go, w.timesteps, w.mask)
+        got = model.policy(w.observations, w.actions, w.returns_to_go, w.timesteps, w.mask)
     close(got, dt_reference(model, w, discrete=False))
 
 
