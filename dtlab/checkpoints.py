@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except FileNotFoundError:
         raise CheckpointError(f"Checkpoint {path} does not exist.") from None
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"Checkpoint {path} holds pickled Python objects, which dtlab never loads (they could run code): "
-            f"{str(err).splitlines()[0]}. Only load checkpoints written by dtlab."
+            f"Checkpoint {path} holds pickled Python objects{what}, which dtlab never loads (they could run code). Only load checkpoints written by dtlab."
         ) from None
     except (EOFError, RuntimeError) as err:
         raise CheckpointError(f"Checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}). Use an earlier checkpoint.") from None
