@@ -304,3 +304,68 @@ def test_discrete_actions_are_refused_with_a_pointer(cls) -> None:
     spec = toy_spec() | {"discrete": True, "action_dim": 3, "action_low": None, "action_high": None}
     with pytest.raises(ValueError, match="continuous.*discrete actions.*BC"):
         cls(spec)
+
+
+# -- the stated defaults are the papers' / CORL's ---------------------------------------------------
+
+PAPER_DEFAULTS = {
+    # Fujimoto & Gu 2021, Appendix C (CORL td3_bc.py)
+    TD3BC: {
+        "actor_hidden_dims": (256, 256),
+        "critic_hidden_dims": (256, 256),
+        "n_critics": 2,
+        "actor_lr": 3e-4,
+        "critic_lr": 3e-4,
+        "discount": 0.99,
+        "tau": 5e-3,
+        "alpha": 2.5,
+        "policy_noise": 0.2,
+        "noise_clip": 0.5,
+        "policy_delay": 2,
+        "reward_scale": 1.0,
+    },
+    # Kostrikov et al. 2022, locomotion (CORL iql.py, halfcheetah configs)
+    IQL: {
+        "actor_hidden_dims": (256, 256),
+        "critic_hidden_dims": (256, 256),
+        "value_hidden_dims": (256, 256),
+        "n_critics": 2,
+        "actor_lr": 3e-4,
+        "critic_lr": 3e-4,
+        "value_lr": 3e-4,
+        "discount": 0.99,
+        "tau": 5e-3,
+        "expectile": 0.7,
+        "beta": 3.0,
+        "max_weight": 100.0,
+        "actor_dropout": 0.0,
+    },
+    # CORL cql.py with configs/offline/cql/halfcheetah/medium_v2.yaml (init and target action: docs/results.md)
+    CQL: {
+        "actor_hidden_dims": (256, 256, 256),
+        "critic_hidden_dims": (256, 256, 256),
+        "n_critics": 2,
+        "actor_lr": 3e-5,
+        "critic_lr": 3e-4,
+        "alpha_lr": 3e-5,
+        "discount": 0.99,
+        "tau": 5e-3,
+        "initial_alpha": 1.0,
+        "cql_alpha": 10.0,
+        "cql_n_actions": 10,
+        "cql_temp": 1.0,
+        "target_action_gap": -1.0,
+        "alpha_prime_lr": 3e-4,
+        "reward_scale": 1.0,
+    },
+}
+
+
+@pytest.mark.parametrize("cls", list(PAPER_DEFAULTS))
+def test_signature_defaults_are_the_documented_ones(cls) -> None:
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    for name, value in PAPER_DEFAULTS[cls].items():
+        assert defaults[name] == value, f"{cls.__name__}.{name} = {defaults[name]}, documented {value}"
+    assert inspect.signature(CalQL.__init__) == inspect.signature(CQL.__init__)  # Cal-QL keeps CQL's defaults
