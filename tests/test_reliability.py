@@ -174,29 +174,15 @@ class WritesAFile:
         return (open, (self.path, "w"))
 
 
+def fit_bc(dataset_id: str, runs: Path, *extra: str):
+    """`dtlab fit` of a tiny BC, in this process."""
+    tiny = ["--model.init_args.hidden_dims", "[8]", "--data.steps_per_epoch", "3", "--evaluation.episodes", "1", "--trainer.enable_progress_bar", "false"]
+    return run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", dataset_id, *tiny, "--runs_dir", str(runs), *extra])
+
+
 @pytest.fixture
 def trained(pendulum_id, tmp_path) -> Path:
-    run_cli(
-        [
-            "fit",
-            "-c",
-            str(REPO / "conf/bc.yaml"),
-            "--data.dataset_id",
-            pendulum_id,
-            "--model.init_args.hidden_dims",
-            "[8]",
-            "--trainer.max_steps",
-            "3",
-            "--data.steps_per_epoch",
-            "3",
-            "--evaluation.episodes",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--runs_dir",
-            str(tmp_path / "runs"),
-        ]
-    )
+    fit_bc(pendulum_id, tmp_path / "runs", "--trainer.max_steps", "3")
     return next((tmp_path / "runs").rglob("last.ckpt"))
 
 
@@ -213,21 +199,7 @@ def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum
         with pytest.raises(CheckpointError, match="pickled Python objects"):
             load_checkpoint(path)
         with pytest.raises(CheckpointError, match="pickled Python objects"):  # resume through Lightning
-            run_cli(
-                [
-                    "fit",
-                    "-c",
-                    str(REPO / "conf/bc.yaml"),
-                    "--data.dataset_id",
-                    pendulum_id,
-                    "--ckpt_path",
-                    str(path),
-                    "--trainer.max_steps",
-                    "4",
-                    "--runs_dir",
-                    str(tmp_path / "resume"),
-                ]
-            )
+            fit_bc(pendulum_id, tmp_path / "resume", "--ckpt_path", str(path), "--trainer.max_steps", "4")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     commands = [
         [sys.executable, str(REPO / "tools/evaluate.py"), str(evil), "--episodes", "1"],
@@ -253,21 +225,7 @@ def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum
 
 def test_a_checkpoint_of_other_spaces_names_both(trained, cartpole_id, tmp_path):
     with pytest.raises(SpecMismatchError) as info:
-        run_cli(
-            [
-                "fit",
-                "-c",
-                str(REPO / "conf/bc.yaml"),
-                "--data.dataset_id",
-                cartpole_id,
-                "--ckpt_path",
-                str(trained),
-                "--trainer.max_steps",
-                "4",
-                "--runs_dir",
-                str(tmp_path / "other"),
-            ]
-        )
+        fit_bc(cartpole_id, tmp_path / "other", "--ckpt_path", str(trained), "--trainer.max_steps", "4")
     message = str(info.value)
     assert "test/pendulum-v0" in message and cartpole_id in message and "observation_dim 3 vs 4" in message
 
@@ -282,56 +240,49 @@ def test_a_truncated_or_foreign_checkpoint_is_named(trained, tmp_path):
         load_checkpoint(tmp_path / "foreign.ckpt")
 
 
-class PoisonAt(L.Callback):
-    """Makes a parameter NaN before update `step` (as a diverging optimiser step would)."""
+class Poison(L.Callback):
+    """Makes a parameter NaN (as a diverging optimiser step would) before update `before`, or right after update `after`."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, before: int | None = None, after: int | None = None) -> None:
+        self.before, self.after = before, after
+
+    def poison(self, pl_module) -> None:
+        with torch.no_grad():
+            next(pl_module.parameters()).fill_(float("nan"))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(pl_module.parameters()).fill_(float("nan"))
+        if trainer.global_step == self.before:
+            self.poison(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.after:
+            self.poison(pl_module)
+
+
+def diverging_fit(dataset_id: str, checkpoints: Path, poison: Poison) -> str:
+    """A tiny BC fit (epochs of 3 updates, last.ckpt at each epoch end) that diverges; returns the guard's message."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = OfflineDataModule(dataset_id, batch_size=16, steps_per_epoch=3)
+    last = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
+    callbacks = [DivergenceGuard(), poison, last]
+    trainer = L.Trainer(max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()], callbacks=callbacks)
+    with pytest.raises(DivergenceError) as info:
+        trainer.fit(BC(data.spec, hidden_dims=(8,)), data)
+    return str(info.value)
 
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(pendulum_id, tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    data = OfflineDataModule(pendulum_id, batch_size=16, steps_per_epoch=3)
-    model = BC(data.spec, hidden_dims=(8,))
-    last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
-    trainer = L.Trainer(
-        max_steps=9,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[DivergenceGuard(), PoisonAt(4), last],
-    )
-    with pytest.raises(DivergenceError) as info:
-        trainer.fit(model, data)
-    message = str(info.value)
-    assert "BC diverged" in message and "update 5" in message and "train/bc_loss = nan" not in message and "loss = nan" in message
-    assert str(tmp_path / "last.ckpt") in message
+    message = diverging_fit(pendulum_id, tmp_path, Poison(before=4))
+    assert "BC diverged" in message and "update 5 gave loss = nan" in message and str(tmp_path / "last.ckpt") in message
     saved = read_checkpoint(tmp_path / "last.ckpt")
     assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
 def test_a_nan_parameter_is_never_checkpointed(pendulum_id, tmp_path):
     """Divergence in the very update before a save: the save is refused, the file on disk stays the good one."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class PoisonAfter(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if trainer.global_step == 6:
-                with torch.no_grad():
-                    next(pl_module.parameters()).fill_(float("nan"))
-
-    data = OfflineDataModule(pendulum_id, batch_size=16, steps_per_epoch=3)
-    last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
-    trainer = L.Trainer(max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[DivergenceGuard(), PoisonAfter(), last])
-    with pytest.raises(DivergenceError, match="non-finite after update 6"):
-        trainer.fit(BC(data.spec, hidden_dims=(8,)), data)
+    message = diverging_fit(pendulum_id, tmp_path, Poison(after=6))
+    assert "non-finite after update 6" in message
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
 
 
