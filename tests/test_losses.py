@@ -30,7 +30,7 @@ S, A, B = 3, 2, 6  # observation dim, action dim, batch size
 LINEAR = {"actor_hidden_dims": (), "critic_hidden_dims": ()}  # no hidden layers: every network is affine (+ tanh)
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """float32 code against a float64 reference (the injected bugs move values by far more)."""
     torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=1e-4, atol=1e-4)
 
@@ -186,7 +186,7 @@ def test_td3bc_td_target(policy_noise: float, noise_clip: float) -> None:
     next_action = (torch.tanh(nets.actor_target(batch.next_observations)) + (policy_noise * eps.double()).clamp(-noise_clip, noise_clip)).clamp(-1, 1)
     q_next = nets.critic_target(batch.next_observations, next_action)  # (2, B)
     assert (q_next[0] < q_next[1]).any() and (q_next[0] > q_next[1]).any(), "the test needs each critic to be the min somewhere"
-    close(got, batch.rewards + 0.9 * (1 - batch.terminals) * q_next.min(0).values)
+    assert_matches(got, batch.rewards + 0.9 * (1 - batch.terminals) * q_next.min(0).values)
 
 
 def test_td3bc_critic_loss() -> None:
@@ -196,7 +196,7 @@ def test_td3bc_critic_loss() -> None:
     next_action = torch.tanh(nets.actor_target(batch.next_observations))
     y = batch.rewards + 0.9 * (1 - batch.terminals) * nets.critic_target(batch.next_observations, next_action).min(0).values
     expected = (nets.critic(batch.observations, batch.actions) - y).pow(2).mean(1).sum()
-    close(model.critic_loss(batch), expected)
+    assert_matches(model.critic_loss(batch), expected)
 
 
 @pytest.mark.parametrize("alpha", [2.5, 0.1])
@@ -218,10 +218,10 @@ def test_td3bc_actor_loss_value_and_gradient(alpha: float) -> None:
     lmbda_ref = alpha / q1.abs().mean().item()  # a number: no gradient through λ
     expected = -lmbda_ref * q1.mean() + (pi - batch.actions.double()).pow(2).mean()
     grad_W, grad_b = torch.autograd.grad(expected, [W, b])
-    close(loss, expected)
-    close(lmbda, torch.tensor(lmbda_ref))
-    close(model.actor.net[0].weight.grad, grad_W)
-    close(model.actor.net[0].bias.grad, grad_b)
+    assert_matches(loss, expected)
+    assert_matches(lmbda, torch.tensor(lmbda_ref))
+    assert_matches(model.actor.net[0].weight.grad, grad_W)
+    assert_matches(model.actor.net[0].bias.grad, grad_b)
 
 
 @pytest.mark.parametrize("term", ["q", "bc"])
@@ -294,8 +294,8 @@ def test_iql_value_loss(tau: float) -> None:
     loss, advantage = model.value_loss(batch)
     u = nets.critic_target(batch.observations, batch.actions).min(0).values - nets.value(batch.observations)[:, 0]
     assert (u > 0).any() and (u < 0).any()
-    close(loss, expectile(u, tau))
-    close(advantage, u)
+    assert_matches(loss, expectile(u, tau))
+    assert_matches(advantage, u)
 
 
 def test_iql_td_target_and_critic_loss() -> None:
@@ -303,8 +303,8 @@ def test_iql_td_target_and_critic_loss() -> None:
     model, nets = make_iql(discount=0.9)
     batch = toy_batch()
     y = batch.rewards + 0.9 * (1 - batch.terminals) * nets.value(batch.next_observations)[:, 0]
-    close(model.td_target(batch), y)
-    close(model.critic_loss(batch), (nets.critic(batch.observations, batch.actions) - y).pow(2).mean())
+    assert_matches(model.td_target(batch), y)
+    assert_matches(model.critic_loss(batch), (nets.critic(batch.observations, batch.actions) - y).pow(2).mean())
 
 
 @pytest.mark.parametrize("deterministic_actor", [False, True])
@@ -317,7 +317,7 @@ def test_iql_actor_loss(deterministic_actor: bool) -> None:
     advantage = torch.tensor([-3.0, -0.5, 0.0, 0.2, 2.0, 50.0])
     weights = torch.exp(3.0 * advantage.double()).clamp(max=100.0)
     expected = (weights * iql_bc_losses(nets, batch, deterministic_actor)).mean()
-    close(model.actor_loss(batch, advantage), expected)
+    assert_matches(model.actor_loss(batch, advantage), expected)
 
 
 @pytest.mark.parametrize("deterministic_actor", [False, True])
@@ -356,21 +356,21 @@ def test_iql_update_gives_each_network_its_own_gradient() -> None:
 
     q_target = nets.critic_target(s, a).min(0).values
     g_vW, g_vb = torch.autograd.grad(expectile(q_target - value(s), 0.7), [v_W, v_b])
-    close(model.value.net[0].weight.grad, g_vW)
-    close(model.value.net[0].bias.grad, g_vb)
+    assert_matches(model.value.net[0].weight.grad, g_vW)
+    assert_matches(model.value.net[0].bias.grad, g_vb)
 
     w, b = nets.critic.w.clone().requires_grad_(), nets.critic.b.clone().requires_grad_()
     y = batch.rewards + 0.99 * (1 - batch.terminals) * value(batch.next_observations).detach()
     g_w, g_b = torch.autograd.grad((q_linear(w, b, s, a) - y).pow(2).mean(), [w, b])
-    close(model.critic.weights[0].grad[:, :, 0], g_w)
-    close(model.critic.biases[0].grad.flatten(), g_b)
+    assert_matches(model.critic.weights[0].grad[:, :, 0], g_w)
+    assert_matches(model.critic.biases[0].grad.flatten(), g_b)
 
     W, bb = nets.actor.leaves()
     advantage = (q_target - value(s)).detach()
     loss = (torch.exp(3.0 * advantage).clamp(max=100.0) * iql_bc_losses(nets, batch, False, W, bb)).mean()
     g_W, g_bb = torch.autograd.grad(loss, [W, bb])
-    close(model.actor.net[0].weight.grad, g_W)
-    close(model.actor.net[0].bias.grad, g_bb)
+    assert_matches(model.actor.net[0].weight.grad, g_W)
+    assert_matches(model.actor.net[0].bias.grad, g_bb)
 
 
 # == CQL (Kumar et al. 2020) and Cal-QL (Nakamoto et al. 2023) =======================================
@@ -412,7 +412,7 @@ def test_cql_td_target(target_action: str, backup_entropy: bool) -> None:
     value = nets.critic_target(batch.next_observations, next_action).min(0).values
     if backup_entropy:
         value = value - ALPHA * next_log_pi
-    close(got, batch.rewards + 0.9 * (1 - batch.terminals) * value)
+    assert_matches(got, batch.rewards + 0.9 * (1 - batch.terminals) * value)
 
 
 def test_cql_actor_loss_value_and_gradient() -> None:
@@ -430,10 +430,10 @@ def test_cql_actor_loss_value_and_gradient() -> None:
     action, log_prob = tanh_gaussian(*policy_dist(nets, batch.observations, W, b), eps)
     expected = (ALPHA * log_prob - nets.critic(batch.observations, action).min(0).values).mean()
     g_W, g_b = torch.autograd.grad(expected, [W, b])
-    close(loss, expected)
-    close(log_pi, log_prob)
-    close(model.actor.net[0].weight.grad, g_W)
-    close(model.actor.net[0].bias.grad, g_b)
+    assert_matches(loss, expected)
+    assert_matches(log_pi, log_prob)
+    assert_matches(model.actor.net[0].weight.grad, g_W)
+    assert_matches(model.actor.net[0].bias.grad, g_b)
 
 
 def cql_gap_by_hand(nets: SimpleNamespace, batch: TransitionBatch, seed: int, importance_sample: bool, temp: float, mc_bound: bool = False) -> torch.Tensor:
@@ -477,7 +477,7 @@ def test_cql_regulariser(cls, importance_sample: bool, temp: float) -> None:
     batch = toy_batch().replace(mc_returns=torch.tensor([10.0, -100.0, 1.0, -100.0, 0.0, 2.0]))
     torch.manual_seed(11)
     got = model.cql_regularizer(batch, model.critic(batch.observations, batch.actions))
-    close(got, cql_gap_by_hand(nets, batch, 11, importance_sample, temp, mc_bound=cls is CalQL))
+    assert_matches(got, cql_gap_by_hand(nets, batch, 11, importance_sample, temp, mc_bound=cls is CalQL))
 
 
 @pytest.mark.parametrize("temp", [1.0, 0.5])
@@ -490,7 +490,7 @@ def test_cql_gap_of_a_constant_q_is_t_log_of_the_sample_count(temp: float) -> No
         model.critic.biases[0].copy_(torch.tensor([1.5, -40.0])[:, None, None])
     batch = toy_batch()
     gap = model.cql_regularizer(batch, model.critic(batch.observations, batch.actions))
-    close(gap, torch.full((2,), temp * math.log(3 * N + 1)))
+    assert_matches(gap, torch.full((2,), temp * math.log(3 * N + 1)))
 
 
 @pytest.mark.parametrize("lagrange", [False, True])
@@ -505,17 +505,17 @@ def test_cql_critic_loss(lagrange: bool) -> None:
     td = (nets.critic(batch.observations, batch.actions) - y).pow(2).mean(-1)
     gap_ref = cql_gap_by_hand(nets, batch, 13, importance_sample=True, temp=1.0)
     alpha_prime, threshold = (math.e, 0.7) if lagrange else (1.0, 0.0)
-    close(gap, gap_ref)
-    close(loss, (td + alpha_prime * 2.0 * (gap_ref - threshold)).sum())
+    assert_matches(gap, gap_ref)
+    assert_matches(loss, (td + alpha_prime * 2.0 * (gap_ref - threshold)).sum())
 
 
 def test_cql_temperature_losses() -> None:
     """L_α = −mean[log α · (log π + H̄)];  L_α′ = −α′ · cql_alpha · mean_i(gap_i − τ_gap), α′ = exp(log α′)."""
     model, _ = make_cql(lagrange=True, cql_alpha=2.0, target_action_gap=0.7, target_entropy=-1.5)
     log_pi = torch.tensor([0.5, -2.0, 1.0])
-    close(model.alpha_loss(log_pi), -(math.log(ALPHA) * (log_pi.double() - 1.5)).mean())
+    assert_matches(model.alpha_loss(log_pi), -(math.log(ALPHA) * (log_pi.double() - 1.5)).mean())
     gap = torch.tensor([3.0, -1.0])
-    close(model.alpha_prime_loss(gap), -(math.e * 2.0 * (gap.double() - 0.7)).mean())
+    assert_matches(model.alpha_prime_loss(gap), -(math.e * 2.0 * (gap.double() - 0.7)).mean())
 
 
 @pytest.mark.parametrize("target_entropy, direction", [(50.0, 1), (-50.0, -1)])
@@ -553,7 +553,7 @@ def test_bc_continuous_loss() -> None:
     obs = torch.randn(8, S, generator=g) * 3
     actions = to_box(torch.rand(8, A, generator=g) * 2 - 1).float()
     batch = TransitionBatch(observations=obs, actions=actions, rewards=torch.zeros(8), next_observations=obs, terminals=torch.zeros(8))
-    close(model.bc_loss(batch), (torch.tanh(actor(standardise(obs))) - to_unit(actions)).pow(2).mean())
+    assert_matches(model.bc_loss(batch), (torch.tanh(actor(standardise(obs))) - to_unit(actions)).pow(2).mean())
 
 
 def test_bc_discrete_loss() -> None:
@@ -565,7 +565,7 @@ def test_bc_discrete_loss() -> None:
     actions = torch.tensor([0, 1, 2, 2, 1, 0, 1, 2])
     batch = TransitionBatch(observations=obs, actions=actions, rewards=torch.zeros(8), next_observations=obs, terminals=torch.zeros(8))
     logits = actor(standardise(obs))
-    close(model.bc_loss(batch), -(logits.gather(1, actions[:, None])[:, 0] - logits.logsumexp(1)).mean())
+    assert_matches(model.bc_loss(batch), -(logits.gather(1, actions[:, None])[:, 0] - logits.logsumexp(1)).mean())
 
 
 POLICIES = {
@@ -591,7 +591,7 @@ def test_policy_standardises_and_scales_to_an_asymmetric_box(name: str) -> None:
     expected = to_box(torch.tanh(actor(standardise(obs))[:, :A]))  # a tanh-Gaussian's first A outputs are μ
     with torch.no_grad():
         got = model.policy(obs)
-    close(got, expected)
+    assert_matches(got, expected)
     assert (got >= torch.tensor(LOW)).all() and (got <= torch.tensor(HIGH)).all()
 
 
@@ -658,7 +658,7 @@ def test_dt_policy_standardises_and_scales_to_an_asymmetric_box() -> None:
     model, w = tiny_dt(ASYM_SPEC), dt_windows(discrete=False)
     with torch.no_grad():
         got = model.policy(w.observations, w.actions, w.returns_to_go, w.timesteps, w.mask)
-    close(got, dt_reference(model, w, discrete=False))
+    assert_matches(got, dt_reference(model, w, discrete=False))
 
 
 @pytest.mark.parametrize("discrete", [False, True])
@@ -671,4 +671,4 @@ def test_dt_loss_is_masked_over_real_steps(discrete: bool) -> None:
         per_step = preds.logsumexp(-1) - preds.gather(-1, w.actions[..., None])[..., 0]
     else:
         per_step = (preds - w.actions.double()).pow(2).mean(-1)
-    close(model.dt_loss(w), (per_step * mask).sum() / mask.sum())
+    assert_matches(model.dt_loss(w), (per_step * mask).sum() / mask.sum())
