@@ -33,6 +33,9 @@ BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "base.yaml"
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # dtlab's batch stream is indexed by the update, so a checkpoint saved mid-epoch resumes exactly.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+# Lightning counts log_every_n_steps across epochs (and so does dtlab): short epochs still log, so its
+# warning that they will not is noise.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 # A resumed run continues its own folder: dtlab's CSVLogger keeps the rows Lightning's warning says it deletes.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
