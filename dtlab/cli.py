@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -38,6 +39,16 @@ warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that en
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 # A resumed run continues its own folder: dtlab's CSVLogger keeps the rows Lightning's warning says it deletes.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+class NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip" adverts for its cloud products from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdverts())
 
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
