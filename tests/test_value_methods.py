@@ -341,6 +341,9 @@ PAPER_DEFAULTS = {
         "beta": 3.0,
         "max_weight": 100.0,
         "actor_dropout": 0.0,
+        "deterministic_actor": False,
+        "normalize_reward": False,
+        "reward_scale": 1.0,
     },
     # CORL cql.py with configs/offline/cql/halfcheetah/medium_v2.yaml (init and target action: docs/results.md)
     CQL: {
@@ -359,6 +362,14 @@ PAPER_DEFAULTS = {
         "target_action_gap": -1.0,
         "alpha_prime_lr": 3e-4,
         "reward_scale": 1.0,
+        "normalize_reward": False,
+        "learn_alpha": True,
+        "backup_entropy": False,
+        "importance_sample": True,
+        "lagrange": False,
+        "orthogonal_init": False,
+        "actor_init": "torch",
+        "target_action": "mean",
     },
 }
 
