@@ -18,7 +18,6 @@ from torch import nn
 
 from dtlab.algos.base import OfflineRLModule
 from dtlab.data.samplers import TransitionBatch
-from dtlab.policy import Policy
 
 Batch = TransitionBatch
 
@@ -56,9 +55,6 @@ class ActorCriticModule(OfflineRLModule):
     def actor(self) -> nn.Module:
         """The policy's actor: standardised observations in, unit-box actions out."""
         return self.policy.actor
-
-    def make_policy(self, actor: nn.Module) -> Policy:
-        return Policy(actor, self.spec)
 
     def setup(self, stage: str) -> None:
         # Under DDP every backward must reach every trainable parameter unless DDP is told otherwise: the

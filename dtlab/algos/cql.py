@@ -30,6 +30,7 @@ from torch import nn
 
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
 from dtlab.networks import CriticEnsemble, TanhGaussianActor, frozen_copy, soft_update
+from dtlab.policy import Policy
 
 
 class CQL(ActorCriticModule):
@@ -95,7 +96,7 @@ class CQL(ActorCriticModule):
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.policy = self.make_policy(TanhGaussianActor(self.obs_dim, self.act_dim, actor_hidden_dims, init=actor_init))
+        self.policy = Policy(TanhGaussianActor(self.obs_dim, self.act_dim, actor_hidden_dims, init=actor_init), self.spec)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics, orthogonal_init=orthogonal_init)
         self.critic_target = frozen_copy(self.critic)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learn_alpha)

@@ -24,6 +24,7 @@ import torch
 
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
 from dtlab.networks import CriticEnsemble, DeterministicActor, GaussianActor, ValueNetwork, frozen_copy, soft_update
+from dtlab.policy import Policy
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -85,7 +86,7 @@ class IQL(ActorCriticModule):
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
         actor_cls = DeterministicActor if deterministic_actor else GaussianActor
-        self.policy = self.make_policy(actor_cls(self.obs_dim, self.act_dim, actor_hidden_dims, dropout=actor_dropout))
+        self.policy = Policy(actor_cls(self.obs_dim, self.act_dim, actor_hidden_dims, dropout=actor_dropout), self.spec)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.critic_target = frozen_copy(self.critic)
         self.value = ValueNetwork(self.obs_dim, value_hidden_dims)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dtlab.algos.actor_critic import ActorCriticModule, Batch
 from dtlab.networks import CriticEnsemble, DeterministicActor, frozen_copy, soft_update
+from dtlab.policy import Policy
 
 
 class TD3BC(ActorCriticModule):
@@ -65,7 +66,7 @@ class TD3BC(ActorCriticModule):
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
-        self.policy = self.make_policy(DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims))
+        self.policy = Policy(DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims), self.spec)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.actor_target, self.critic_target = frozen_copy(self.actor), frozen_copy(self.critic)
         if compile:
