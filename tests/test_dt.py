@@ -272,3 +272,28 @@ def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> Non
     achieved = float(trainer.callback_metrics["eval/return"])
     print(f"CartPole DT return {achieved:.0f}, random {random_return:.0f}")
     assert achieved > 3 * random_return, (achieved, random_return)
+
+
+def test_signature_defaults_are_the_papers() -> None:
+    """The DT authors' gym code (experiment.py): K = 20, 128-wide, 3 layers, 1 head, ReLU, dropout 0.1, lr 1e-4,
+    weight decay 1e-4, 10k warm-up updates, returns-to-go divided by 1000; the rest are dtlab's (None: from the data)."""
+    import inspect
+
+    documented = {
+        "context_len": 20,
+        "embed_dim": 128,
+        "n_layer": 3,
+        "n_head": 1,
+        "dropout": 0.1,
+        "activation": "relu",
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "warmup_steps": 10_000,
+        "rtg_scale": 0.001,
+        "eval_targets": None,
+        "cache_keep": None,
+        "max_ep_len": None,
+        "embedding_init": "torch",
+    }
+    parameters = inspect.signature(DecisionTransformer.__init__).parameters
+    assert {name: p.default for name, p in parameters.items() if name not in ("self", "spec")} == documented

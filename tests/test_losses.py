@@ -284,7 +284,7 @@ def iql_bc_losses(nets: SimpleNamespace, batch: TransitionBatch, deterministic: 
     return -Normal(mean, nets.log_std.exp()).log_prob(batch.actions.double()).sum(-1)
 
 
-@pytest.mark.parametrize("tau", [0.7, 0.9])
+@pytest.mark.parametrize("tau", [0.3, 0.7, 0.9])  # τ < 0.5 too: 1 − τ and 1 mod τ agree for τ in (0.5, 1)
 def test_iql_value_loss(tau: float) -> None:
     """L_V = mean L₂^τ(min_i Q'_i(s, a) − V(s)); the returned advantage is Q' − V.
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dtlab.algos.actor_critic import reward_factor
+from dtlab.algos.bc import BC
 from dtlab.algos.calql import CalQL
 from dtlab.algos.cql import CQL
 from dtlab.algos.iql import IQL, expectile_loss
@@ -325,6 +326,7 @@ PAPER_DEFAULTS = {
         "policy_delay": 2,
         "reward_scale": 1.0,
         "normalize_reward": False,
+        "compile": False,
     },
     # Kostrikov et al. 2022, locomotion (CORL iql.py, halfcheetah configs)
     IQL: {
@@ -344,6 +346,8 @@ PAPER_DEFAULTS = {
         "deterministic_actor": False,
         "normalize_reward": False,
         "reward_scale": 1.0,
+        "lr_schedule_updates": None,  # None: the cosine schedule spans the run (the trainer's updates)
+        "compile": False,
     },
     # CORL cql.py with configs/offline/cql/halfcheetah/medium_v2.yaml (init and target action: docs/results.md)
     CQL: {
@@ -370,7 +374,11 @@ PAPER_DEFAULTS = {
         "orthogonal_init": False,
         "actor_init": "torch",
         "target_action": "mean",
+        "target_entropy": None,  # None: -action_dim (Haarnoja et al. 2018)
+        "compile": False,
     },
+    # CORL any_percent_bc.py / d3rlpy BC
+    BC: {"hidden_dims": (256, 256), "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0},
 }
 
 
@@ -378,7 +386,15 @@ PAPER_DEFAULTS = {
 def test_signature_defaults_are_the_documented_ones(cls) -> None:
     import inspect
 
-    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name not in ("self", "spec")}
+    assert defaults.keys() == PAPER_DEFAULTS[cls].keys(), "every option's default is in the table (and only those)"
     for name, value in PAPER_DEFAULTS[cls].items():
         assert defaults[name] == value, f"{cls.__name__}.{name} = {defaults[name]}, documented {value}"
     assert inspect.signature(CalQL.__init__) == inspect.signature(CQL.__init__)  # Cal-QL keeps CQL's defaults
+
+
+def test_iql_cosine_schedule_spans_corls_run_without_a_trainer() -> None:
+    # benchmarks build optimisers with no trainer: the schedule is then CORL's 1M updates, not 0 or 1
+    (_, schedule) = IQL(toy_spec(), actor_hidden_dims=(8,), critic_hidden_dims=(8,), value_hidden_dims=(8,)).configure_optimizers()
+    assert schedule[0].T_max == 1_000_000
+    assert IQL(toy_spec(), lr_schedule_updates=7).configure_optimizers()[1][0].T_max == 7
