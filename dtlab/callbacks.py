@@ -1,4 +1,5 @@
-"""Lightning callbacks every dtlab run uses: environment evaluation, the divergence guard, exact resume.
+"""Lightning callbacks every dtlab run uses: environment evaluation, the run report (learning curves and a
+summary), the divergence guard, exact resume.
 
 The LightningModules keep networks and losses only; what a run does around them lives here.
 """
@@ -6,6 +7,7 @@ The LightningModules keep networks and losses only; what a run does around them 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,13 @@ import torch
 from gymnasium.vector import AutoresetMode
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.aggregation import CatMetric
 from tqdm.auto import tqdm
 
 from dtlab.envs import make_vector_env, rollout
-from dtlab.plots import plot_return_conditioning
+from dtlab.plots import plot_learning_curves, plot_return_conditioning, read_metrics
 from dtlab.spec import DatasetSpec
 
 
@@ -121,13 +124,78 @@ class EnvEvaluation(Callback):
             title = f"{spec.dataset_id}, update {trainer.global_step}"
             plot_return_conditioning(targets, returns, Path(log_dir) / "return_conditioning.png", spec, title)
 
+
+class RunReport(Callback):
+    """What a run leaves to read: `learning_curve.png` in the run folder, redrawn after every epoch from the
+    CSV logger's metrics.csv, and a summary block at the end of the fit (updates, wall time, final and best
+    evaluation, where the checkpoints and plots are)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.start_step = time.perf_counter(), trainer.global_step
+
+    @staticmethod
+    def metrics_csv(trainer: L.Trainer) -> Path | None:
+        """The CSV logger's metrics.csv, written out now (None without a CSV logger)."""
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+                path = Path(logger.log_dir) / "metrics.csv"
+                return path if path.is_file() else None
+        return None
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        csv = self.metrics_csv(trainer) if trainer.is_global_zero else None
+        if csv is None:
+            return None
+        spec = pl_module.spec
+        title = f"{type(pl_module).__name__} on {spec.dataset_id}"
+        try:
+            return plot_learning_curves({type(pl_module).__name__: [csv]}, csv.parent / "learning_curve.png", title)
+        except ValueError:  # nothing logged yet
+            return None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:  # the previous epoch's evaluation is in the logger by now
+            self.draw(trainer, pl_module)
+
+    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        curve = self.draw(trainer, pl_module)
+        seconds = time.perf_counter() - self.start
+        updates = trainer.global_step - self.start_step
+        lines = [
+            f"updates      {trainer.global_step}"
+            + (f" ({updates} in this fit)" if self.start_step else "")
+            + f" in {format_seconds(seconds)} ({updates / max(seconds, 1e-9):.1f} updates/s)"
+        ]
         metrics = trainer.callback_metrics
         if "eval/return" in metrics:
-            line = f"Final evaluation after {trainer.global_step} updates: eval/return = {float(metrics['eval/return']):.1f}"
+            final = f"eval/return {float(metrics['eval/return']):.1f}"
             if "eval/normalized_score" in metrics:
-                line += f", eval/normalized_score = {float(metrics['eval/normalized_score']):.1f}"
-            rank_zero_info(line)
+                final += f", eval/normalized_score {float(metrics['eval/normalized_score']):.1f}"
+            lines.append(f"final        {final} (after {trainer.global_step} updates)")
+        csv = self.metrics_csv(trainer)
+        history = read_metrics(csv) if csv is not None else {}
+        if "eval/return" in history and len(history["eval/return"][0]) > 1:
+            steps, values = history["eval/return"]
+            best = int(np.argmax(values))
+            lines.append(f"best         eval/return {values[best]:.1f} after {int(steps[best])} updates")
+        checkpoints = [cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path]
+        checkpoints += [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path]
+        if checkpoints:
+            lines.append(f"checkpoints  {', '.join(dict.fromkeys(checkpoints))}")
+        plots = [curve] if curve else []
+        if csv is not None and (csv.parent / "return_conditioning.png").is_file():
+            plots.append(csv.parent / "return_conditioning.png")
+        if plots:
+            lines.append(f"plots        {', '.join(map(str, plots))}")
+        print(f"\n{type(pl_module).__name__} on {pl_module.spec.dataset_id}: done\n" + "\n".join(f"  {line}" for line in lines), flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 class DivergenceError(RuntimeError):

@@ -9,22 +9,27 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import DefaultHelpFormatter, auto_cli
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dtlab.algos import ALGORITHMS, OfflineRLModule
-from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume
+from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume, RunReport
 from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
+from dtlab.commands import UsageError
 from dtlab.data.module import OfflineDataModule
 from dtlab.spec import DatasetError
 
@@ -53,6 +58,15 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdverts()
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with descriptions printed as written (examples keep their lines)."""
+
+
+class ProgressBar(TQDMProgressBar):
+    """One line per epoch with the metrics' full names (no `v_num`); evaluation shows its own episode bar."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class DTLabCLI(LightningCLI):
@@ -107,6 +121,11 @@ class DTLabCLI(LightningCLI):
                 logger.init_args.save_dir = str(Path(config.runs_dir, *save_dir.parts[1:]))
         if config.ckpt_path == "last":
             config.ckpt_path = self.resume_last(loggers)
+        trainer = config.trainer
+        if trainer.enable_progress_bar is False:  # Lightning refuses a progress bar callback then
+            self.trainer_defaults["callbacks"] = [cb for cb in self.trainer_defaults["callbacks"] if not isinstance(cb, TQDMProgressBar)]
+        if trainer.max_steps is not None and trainer.max_steps > 0:  # updates decide: epochs follow (the bar says "Epoch k/K" right)
+            trainer.max_epochs = -(-trainer.max_steps // config.data.steps_per_epoch)
 
     @staticmethod
     def resume_last(loggers: list[Any]) -> str:
@@ -139,6 +158,22 @@ Train a policy from logged data (a Minari dataset) with one of dtlab's algorithm
     dtlab fit --model.help IQL                                  # one algorithm's arguments
 """
 
+OVERVIEW = """usage: dtlab <command> [options]      (dtlab <command> --help for each command's options)
+
+dtlab: offline reinforcement learning on PyTorch Lightning: learn policies from logged data (Minari datasets)
+with Decision Transformer, CQL, IQL, TD3+BC, Cal-QL or BC; score them in their environment; plot them.
+
+commands:
+  fit            train an algorithm from a config:  dtlab fit -c conf/dt.yaml
+  make-dataset   record a policy (random, scripted, a checkpoint, module:function) into a Minari dataset
+  evaluate       score a checkpoint in its environment (--json, --target_return for DT, --video)
+  plot           learning curves of one or many runs (seeds as mean ± band) from their metrics.csv
+
+Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,
+no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,
+return_conditioning.png and checkpoints.
+"""
+
 
 def fit_description() -> str:
     lines = [f"    {name:<20} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in ALGORITHMS.items()]
@@ -155,6 +190,7 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
         args=args,
         auto_configure_optimizers=False,  # each algorithm builds its own optimisers (several, with schedules)
         parser_kwargs={
+            "prog": "dtlab",
             "description": DESCRIPTION,
             "formatter_class": HelpFormatter,
             "fit": {"default_config_files": base, "description": fit_description(), "formatter_class": HelpFormatter},
@@ -163,25 +199,67 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
         trainer_defaults={
             "num_sanity_val_steps": 0,
             "plugins": [{"class_path": "dtlab.checkpoints.AtomicCheckpointIO"}],
-            # Always on, whatever the config: the guard, exact resume, and last.ckpt at every epoch end
-            # (`checkpoint` in conf/base.yaml keeps the best by eval/return beside it).
-            "callbacks": [DivergenceGuard(), ExactResume(), ModelCheckpoint(filename="last", enable_version_counter=False, save_on_train_epoch_end=True)],
+            # Always on, whatever the config: the guard, exact resume, the run report (learning curve and summary),
+            # the progress bar, and last.ckpt at every epoch end (`checkpoint` in conf/base.yaml keeps the best beside it).
+            "callbacks": [
+                DivergenceGuard(),
+                ExactResume(),
+                RunReport(),
+                ProgressBar(),
+                ModelCheckpoint(filename="last", enable_version_counter=False, save_on_train_epoch_end=True),
+            ],
         },
     )
 
 
-USER_ERRORS = (DatasetError, CheckpointError, DivergenceError)  # DatasetError covers SpecMismatchError
+def run_command(argv: list[str]) -> Any:
+    """`dtlab <command> ...` for the commands besides fit (dtlab.commands): jsonargparse over their signatures."""
+    from dtlab.commands import COMMANDS
+
+    name = argv[0]
+    args = shell_style(COMMANDS[name], argv[1:])
+    return auto_cli(COMMANDS[name], args=args, prog=f"dtlab {name}", formatter_class=HelpFormatter)
 
 
-def main() -> None:
+def shell_style(function: Callable, args: list[str]) -> list[str]:
+    """Command lines as shells write them, for jsonargparse: a bare boolean option (`--json` at the end or before
+    another option) means `--json true`; a list-typed first parameter takes every leading word (`dtlab plot a b`)."""
+    parameters = list(inspect.signature(function).parameters.values())
+    flags = {f"--{p.name}" for p in parameters if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("true")
+    if parameters and str(parameters[0].annotation).startswith("list[") and out and not out[0].startswith("-"):
+        words = next((i for i, a in enumerate(out) if a.startswith("-")), len(out))
+        out = [json.dumps(out[:words]), *out[words:]]
+    return out
+
+
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, UsageError)  # DatasetError covers SpecMismatchError
+
+
+def main(argv: list[str] | None = None) -> None:
     """Console entry point `dtlab`: errors the user can fix print as one message (DTLAB_DEBUG=1 for the traceback)."""
-    if sys.argv[1:] == ["fit"]:
+    from dtlab.commands import COMMANDS
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        sys.exit(0 if argv else 2)
+    if argv == ["fit"]:
         sys.exit(
             "dtlab fit needs an algorithm: start from a config, e.g. `dtlab fit -c conf/dt.yaml` (a Decision Transformer on the\n"
             "embedded Pendulum data, no download) or `dtlab fit -c conf/iql.yaml --data.dataset_id <minari id>`; `dtlab fit --help` lists them."
         )
+    if argv[0] not in ("fit", *COMMANDS):
+        sys.exit(f"dtlab: unknown command {argv[0]!r}; the commands are fit, {', '.join(COMMANDS)} (dtlab --help).")
     try:
-        run_cli()
+        if argv[0] == "fit":
+            run_cli(argv)
+        else:
+            run_command(argv)
     except USER_ERRORS as err:
         if os.environ.get("DTLAB_DEBUG"):
             raise

@@ -64,13 +64,27 @@ def _quiet_mujoco_deprecations() -> None:
 
 def make_vector_env(spec: DatasetSpec, num_envs: int) -> gym.vector.VectorEnv:
     """The dataset's environment, `num_envs` copies stepped in this process (cheap on few cores)."""
+    wrappers = [gym.wrappers.FlattenObservation] if spec.flatten_observations else None
+    return _build(spec, lambda env_spec: gym.make_vec(env_spec, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers))
+
+
+def make_env(spec: DatasetSpec, render_mode: str | None = None) -> gym.Env:
+    """One copy of the dataset's environment (e.g. rendering with render_mode="rgb_array")."""
+
+    def build(env_spec: EnvSpec) -> gym.Env:
+        env = gym.make(env_spec, render_mode=render_mode)
+        return gym.wrappers.FlattenObservation(env) if spec.flatten_observations else env
+
+    return _build(spec, build)
+
+
+def _build(spec: DatasetSpec, build: Callable[[EnvSpec], gym.Env | gym.vector.VectorEnv]):
     _quiet_mujoco_deprecations()
     if spec.env_spec is None:
         raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
-    wrappers = [gym.wrappers.FlattenObservation] if spec.flatten_observations else None
     env_spec = EnvSpec.from_json(json.dumps(spec.env_spec))
     try:
-        return gym.make_vec(env_spec, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers)
+        return build(env_spec)
     except Exception as err:  # an entry point that does not import, a missing optional dependency, ...
         raise DatasetError(
             f"Dataset '{spec.dataset_id}': its environment '{env_spec.id}' (entry point {env_spec.entry_point!r}) cannot be "

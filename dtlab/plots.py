@@ -1,4 +1,4 @@
-"""Plots every run writes: achieved-vs-target return of a Decision Transformer (and learning curves)."""
+"""Plots every run writes (learning curves; achieved-vs-target return of a Decision Transformer) and `dtlab plot` draws."""
 
 from __future__ import annotations
 
@@ -42,4 +42,88 @@ def plot_return_conditioning(targets: Sequence[float], returns: np.ndarray, path
     if spec is not None and spec.ref_min_score is not None and spec.ref_max_score is not None:
         record["normalized_score_mean"] = [float(np.mean(spec.normalized_score(r))) for r in returns[order]]
     path.with_suffix(".json").write_text(json.dumps(record))
+    return path
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A metrics.csv (CSVLogger: one row per logging step, blanks where a metric was not logged) as
+    metric -> (steps, values), NaN-free."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for name in rows[0].keys() if rows else ():
+        if name in ("step", "epoch"):
+            continue
+        points = [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "") and r.get("step") not in (None, "")]
+        points = [(s, v) for s, v in points if np.isfinite(v)]
+        if points:
+            steps, values = np.array(points).T
+            out[name] = (steps + 1, values)  # global_step is 0-based at logging: updates done = step + 1
+    return out
+
+
+def find_metrics(runs: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """Run name -> its metrics.csv files. A run is runs/<name>/version_N; a folder of versions gives them
+    all (seeds of one config); a metrics.csv file is taken as it is."""
+    groups: dict[str, list[Path]] = {}
+    for run in map(Path, runs):
+        if run.is_file():
+            files = [run]
+        elif (run / "metrics.csv").is_file():
+            files = [run / "metrics.csv"]
+        else:
+            files = sorted(run.glob("version_*/metrics.csv"))
+        if not files:
+            raise ValueError(f"{run}: no metrics.csv there (expected a run folder runs/<name>/version_N, a folder of versions, or a metrics.csv file).")
+        for file in files:
+            name = file.parent.parent.name if file.parent.name.startswith("version_") else file.parent.name
+            groups.setdefault(name, []).append(file)
+    return groups
+
+
+def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Path, title: str = "") -> Path:
+    """PNG of learning curves: the evaluation score (eval/normalized_score where any run has it, else
+    eval/return) and each train/* metric against updates, one line per group (name -> metrics.csv files);
+    a group of several runs is drawn as their mean with a ± std band over the updates they share."""
+    from matplotlib.figure import Figure
+
+    data = {name: [read_metrics(f) for f in files] for name, files in groups.items()}
+    logged = {m for runs in data.values() for run in runs for m in run}
+    score = "eval/normalized_score" if "eval/normalized_score" in logged else "eval/return"
+    panels = ([score] if score in logged else []) + sorted(m for m in logged if m.startswith("train/"))
+    if not panels:
+        raise ValueError(f"No evaluation or training metrics in {[str(f) for files in groups.values() for f in files]}.")
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, metric in zip(axes, panels):
+        for i, (name, runs) in enumerate(data.items()):
+            curves = [run[metric] for run in runs if metric in run]
+            if not curves:
+                continue
+            color = f"C{i}"
+            if len(curves) == 1:
+                ax.plot(*curves[0], color=color, label=name, marker="o" if len(curves[0][0]) < 30 else None, ms=3)
+                continue
+            end = min(steps[-1] for steps, _ in curves)
+            steps = np.unique(np.concatenate([s[s <= end] for s, _ in curves]))
+            values = np.stack([np.interp(steps, s, v) for s, v in curves])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, color=color, label=f"{name} (mean of {len(curves)})")
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("updates")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     return path

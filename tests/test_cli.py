@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dtlab.algos import ALGORITHMS
 from dtlab.callbacks import evaluate_returns
 from dtlab.checkpoints import CheckpointError, load_checkpoint
-from dtlab.cli import run_cli
+from dtlab.cli import main, run_cli
 
 CONF = Path(__file__).parents[1] / "conf"
 # conf/<algo>.yaml stands alone; conf/<task>/<algo>.yaml is composed over conf/<algo>.yaml.
@@ -86,15 +89,57 @@ def test_bc_learns_pendulum_and_checkpoint_stands_alone(pendulum_id, tmp_path):
         load_checkpoint(str(tmp_path / "foreign.ckpt"))
 
 
-def test_console_script_fits_and_a_checkpoint_scores_through_tools_evaluate(pendulum_id, tmp_path):
+@pytest.mark.parametrize("command", ["fit", "make-dataset", "evaluate", "plot"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"dtlab {command}" in out or "usage: dtlab" in out
+    if command == "fit":
+        assert all(name in out for name in ALGORITHMS)
+
+
+def test_overview_lists_the_commands_and_refuses_unknown_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"  {c}" in out for c in ("fit", "make-dataset", "evaluate", "plot"))
+    with pytest.raises(SystemExit, match="unknown command 'predict'"):
+        main(["predict"])
+
+
+def test_make_dataset_fit_evaluate_plot_chain(tmp_path, capsys):
+    """The installed commands end to end: record a dataset, train on it (console script), score the checkpoint
+    as JSON, plot the run's learning curves."""
+    main(["make-dataset", "--dataset_id", "chain/pendulum-v0", "--env", "Pendulum-v1", "--policy", "scripted:pendulum", "--noise", "0.5", "--episodes", "6"])
+    assert "chain/pendulum-v0: 6 episodes, 1200 steps" in capsys.readouterr().out
+
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    dtlab = str(Path(sys.executable).with_name("dtlab"))
     out = tmp_path / "runs"
-    args = fit_args(pendulum_id, out, "--trainer.max_epochs", "1", "--evaluation.every_n_epochs", "1", "--data.steps_per_epoch", "50")
-    fit = subprocess.run([dtlab, *args], capture_output=True, text=True, env=env, timeout=300)
+    args = fit_args("chain/pendulum-v0", out, "--trainer.max_steps", "40", "--data.steps_per_epoch", "20", "--evaluation.episodes", "2")
+    fit = subprocess.run([str(Path(sys.executable).with_name("dtlab")), *args], capture_output=True, text=True, env=env, timeout=300)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "Final evaluation after 50 updates: eval/return" in fit.stdout + fit.stderr
-    ckpt = next(out.rglob("last.ckpt"))
-    evaluate = subprocess.run([sys.executable, "tools/evaluate.py", str(ckpt), "--episodes", "2"], capture_output=True, text=True, env=env, timeout=300)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    assert f"{pendulum_id}: return" in evaluate.stdout and "normalised score" in evaluate.stdout
+    summary = fit.stdout[fit.stdout.index("BC on chain/pendulum-v0: done") :]
+    assert "updates      40 in" in summary and "final        eval/return" in summary and "(after 40 updates)" in summary
+    run = out / "bc" / "version_0"
+    assert str(run / "checkpoints" / "last.ckpt") in summary and str(run / "learning_curve.png") in summary
+    assert (run / "learning_curve.png").stat().st_size > 10_000
+
+    main(["evaluate", str(run / "checkpoints" / "last.ckpt"), "--episodes", "3", "--seed", "5", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seeds"] == [5, 6, 7] and printed["dataset_id"] == "chain/pendulum-v0"
+    (row,) = printed["results"]
+    assert len(row["returns"]) == 3 and math.isclose(row["return_mean"], float(np.mean(row["returns"])))
+
+    main(["plot", str(out / "bc"), "--out", str(tmp_path / "curves.png")])
+    assert "bc (1 run)" in capsys.readouterr().out and (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["make-dataset", "--env", "Pendulum-v1"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs --dataset_id and --env" in err

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import minari
 import numpy as np
 import pytest
 
 from dtlab.data.convert import DatasetError, dataset_dir, load_minari, minari_root
-from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
+from dtlab.data.recording import PENDULUM_TORQUES, PolicyAgent, pendulum_swingup, record_dataset
 
 
 def test_record_a_callable_policy_with_references():
@@ -51,18 +52,20 @@ def test_a_failing_policy_leaves_no_dataset_behind():
 
 def test_embedded_default_is_built_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    assert not dataset_dir("pendulum/scripted-v0").exists()
-    ds = load_minari("pendulum/scripted-v0")
+    assert not dataset_dir("pendulum/mixed-v0").exists()
+    ds = load_minari("pendulum/mixed-v0")
     meta = ds.storage.metadata
     assert meta["total_episodes"] == 200
-    # the data is far better than random, and spread out for return conditioning
-    returns = np.array([ep.rewards.sum() for ep in ds.iterate_episodes()])
-    assert returns.mean() > meta["ref_min_score"] + 0.5 * (meta["ref_max_score"] - meta["ref_min_score"])
-    assert returns.max() - returns.min() > 300
+    # five controllers of rising strength, episode i by controller i mod 5: the mean return rises with the strength,
+    # from poor (below the middle of random..expert) to near-expert, so a target return names a behaviour
+    returns = np.array([ep.rewards.sum() for ep in ds.iterate_episodes()]).reshape(-1, len(PENDULUM_TORQUES)).mean(0)
+    assert (np.diff(returns) > 0).all(), returns
+    span = meta["ref_max_score"] - meta["ref_min_score"]
+    assert returns[0] < meta["ref_min_score"] + 0.6 * span and returns[-1] > meta["ref_max_score"] - 0.1 * span
 
 
 def test_make_dataset_tool(tmp_path):
-    tool = [sys.executable, "tools/make_dataset.py", "--id", "rec/random-v0", "--env", "CartPole-v1", "--policy", "random", "--episodes", "3"]
+    tool = [str(Path(sys.executable).with_name("dtlab")), "make-dataset", "--dataset_id", "rec/random-v0", "--env", "CartPole-v1", "--episodes", "3"]
     done = subprocess.run(tool, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rec/random-v0: 3 episodes" in done.stdout

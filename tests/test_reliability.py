@@ -201,12 +201,13 @@ def test_a_pickled_checkpoint_runs_nothing_on_any_loading_path(trained, pendulum
         with pytest.raises(CheckpointError, match="pickled Python objects"):  # resume through Lightning
             fit_bc(pendulum_id, tmp_path / "resume", "--ckpt_path", str(path), "--trainer.max_steps", "4")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    dtlab = str(Path(sys.executable).with_name("dtlab"))
     commands = [
-        [sys.executable, str(REPO / "tools/evaluate.py"), str(evil), "--episodes", "1"],
+        [dtlab, "evaluate", str(evil), "--episodes", "1"],
         [
-            sys.executable,
-            str(REPO / "tools/make_dataset.py"),
-            "--id",
+            dtlab,
+            "make-dataset",
+            "--dataset_id",
             "unit/from-evil-v0",
             "--env",
             "Pendulum-v1",

@@ -99,7 +99,7 @@ class OfflineDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset_id: str = "pendulum/scripted-v0",
+        dataset_id: str = "pendulum/mixed-v0",
         batch_size: PositiveInt = 256,
         steps_per_epoch: PositiveInt = 1000,
         seed: int = 0,

@@ -43,10 +43,11 @@ def random_policy(env: gym.Env) -> Policy:
     return lambda _obs: env.action_space.sample()
 
 
-def pendulum_swingup(noise_std: float, rng: np.random.Generator) -> Policy:
-    """Energy-pumping swing-up with a PD balance near the top (Pendulum-v1), plus Gaussian noise.
+def pendulum_swingup(noise_std: float, rng: np.random.Generator, max_torque: float = 2.0) -> Policy:
+    """Energy-pumping swing-up with a PD balance near the top (Pendulum-v1), plus Gaussian noise, with its
+    torque limited to `max_torque` (the env allows 2).
 
-    Returns about -130 noise-free against about -1150 for the random policy.
+    Returns about -130 noise-free at full torque, -250 at 1.0, -780 at 0.4, against -1150 for the random policy.
     """
 
     def policy(obs: np.ndarray) -> np.ndarray:
@@ -56,7 +57,7 @@ def pendulum_swingup(noise_std: float, rng: np.random.Generator) -> Policy:
         else:  # pump energy towards the upright rest energy (5 with g=10, m=l=1)
             energy = velocity**2 / 6 + 5 * cos
             torque = 2.0 * np.sign(velocity * (5 - energy)) if abs(velocity) > 1e-3 else 2.0
-        return np.clip([torque + noise_std * rng.normal()], -2.0, 2.0).astype(np.float32)
+        return np.clip([torque + noise_std * rng.normal()], -max_torque, max_torque).astype(np.float32)
 
     return policy
 
@@ -70,6 +71,9 @@ def cartpole_balance(epsilon: float, rng: np.random.Generator) -> Policy:
         return int(obs[2] + 0.5 * obs[3] > 0)
 
     return policy
+
+
+SCRIPTED: dict[str, Callable[[float, np.random.Generator], Policy]] = {"pendulum": pendulum_swingup, "cartpole": cartpole_balance}
 
 
 def run_episode(env: gym.Env, agent: Agent, seed: int) -> EpisodeBuffer:
@@ -190,5 +194,34 @@ def make_pendulum_scripted(dataset_id: str = "pendulum/scripted-v0", num_episode
     )
 
 
+PENDULUM_TORQUES = (0.4, 0.6, 0.9, 1.3, 2.0)
+
+
+def make_pendulum_mixed(dataset_id: str = "pendulum/mixed-v0", num_episodes: int = 200, seed: int = 0, overwrite: bool = False) -> minari.MinariDataset:
+    """The embedded default: Pendulum-v1 swing-up controllers of five strengths (torque limits 0.4 to 2),
+    an equal share of episodes each, with a little action noise (std 0.1).
+
+    The behaviours differ systematically, from poor (the weakest needs many swings to get up, and cannot
+    hold the top) to expert, so a return-conditioned model has something to condition on: the return it
+    is asked for tells it how strong a controller to be.
+    """
+    rng = np.random.default_rng(seed)
+    torques = [PENDULUM_TORQUES[i % len(PENDULUM_TORQUES)] for i in range(num_episodes)]
+    return record_dataset(
+        dataset_id,
+        "Pendulum-v1",
+        lambda i: PolicyAgent(pendulum_swingup(0.5, rng, torques[i])),
+        num_episodes,
+        seed=seed,
+        expert=lambda: PolicyAgent(pendulum_swingup(0.0, rng)),
+        description=f"Pendulum-v1 swing-up controllers with torque limits {PENDULUM_TORQUES} (equal shares) and action noise std 0.1.",
+        algorithm_name="scripted energy-pumping swing-up + PD, five strengths",
+        overwrite=overwrite,
+    )
+
+
 # Datasets built locally on first use: id -> builder. No download, seconds to make.
-EMBEDDED_DATASETS: dict[str, Callable[[], minari.MinariDataset]] = {"pendulum/scripted-v0": make_pendulum_scripted}
+EMBEDDED_DATASETS: dict[str, Callable[[], minari.MinariDataset]] = {
+    "pendulum/mixed-v0": make_pendulum_mixed,
+    "pendulum/scripted-v0": make_pendulum_scripted,
+}

@@ -1,0 +1,257 @@
+"""dtlab's subcommands besides `fit`: typed functions that jsonargparse turns into `dtlab <name>` (cli.py).
+
+    dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+    dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --episodes 20 --json true
+    dtlab plot runs/iql runs/td3bc --out curves.png
+
+Each function's docstring is its `--help`; its signature is its options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json as jsonlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtlab.envs import Agent
+
+
+class UsageError(ValueError):
+    """A command's options do not fit together or name something that does not exist: printed as one line."""
+
+
+POLICY_SYNTAX = "random | scripted:pendulum | scripted:cartpole | checkpoint:PATH | module:function"
+
+
+def agent_factory(policy: str, env_id: str, noise: float, seed: int) -> Callable[[int], Agent]:
+    """The agent of one `--policy` string, per episode index (see POLICY_SYNTAX)."""
+    import gymnasium as gym
+
+    from dtlab.data.recording import SCRIPTED, PolicyAgent, random_policy
+
+    rng = np.random.default_rng(seed)
+    if policy == "random":
+        env = gym.make(env_id)
+        env.action_space.seed(seed)
+        return lambda i: PolicyAgent(random_policy(env))
+    kind, _, target = policy.partition(":")
+    if kind == "scripted":
+        if target not in SCRIPTED:
+            raise UsageError(f"--policy {policy}: unknown scripted policy {target!r}; choose one of {sorted(SCRIPTED)}.")
+        return lambda i: PolicyAgent(SCRIPTED[target](noise, rng))
+    if kind == "checkpoint":
+        from dtlab.checkpoints import load_checkpoint
+
+        model = load_checkpoint(target).eval()
+        trained_on = (model.spec.env_spec or {}).get("id")
+        if trained_on != env_id:
+            raise UsageError(f"--policy {policy}: the model was trained on '{model.spec.dataset_id}' (env {trained_on}), not for --env {env_id}.")
+        return lambda i: model.make_agent(1)
+    if not target:
+        raise UsageError(f"--policy {policy!r}: expected {POLICY_SYNTAX}.")
+    function = getattr(importlib.import_module(kind), target)
+    return lambda i: PolicyAgent(function)
+
+
+def make_dataset(
+    dataset_id: str | None = None,
+    env: str | None = None,
+    policy: str = "random",
+    episodes: int = 100,
+    noise: float = 0.0,
+    expert: str | None = None,
+    ref_min: float | None = None,
+    ref_max: float | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    embedded: str | None = None,
+) -> None:
+    """Record episodes of a policy in a gymnasium environment into a local Minari dataset.
+
+    The dataset goes to MINARI_DATASETS_PATH (default ~/.minari/datasets) with reference returns for
+    normalised scores. Examples:
+
+        dtlab make-dataset --embedded pendulum/mixed-v0       # an embedded default (also built on first use)
+        dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+        dtlab make-dataset --dataset_id halfcheetah/bc-v0 --env HalfCheetah-v5 --policy checkpoint:runs/bc/version_0/checkpoints/last.ckpt
+        dtlab make-dataset --dataset_id cartpole/mine-v0 --env CartPole-v1 --policy mypkg.policies:balance
+
+    Args:
+        dataset_id: Minari id of the dataset to create, e.g. pendulum/mine-v0.
+        env: gymnasium environment id, e.g. Pendulum-v1.
+        policy: who acts: random | scripted:pendulum | scripted:cartpole | checkpoint:PATH (a dtlab checkpoint) | module:function (obs -> action).
+        episodes: episodes to record.
+        noise: scripted policies: action noise std (pendulum) or random-action probability (cartpole).
+        expert: a policy (same syntax) whose mean return is the 100-point reference.
+        ref_min: the 0-point reference return (default: the random policy's, measured).
+        ref_max: the 100-point reference return (default: --expert's, else the recorded episodes' mean).
+        seed: seed of the episodes' resets and of the policies' noise.
+        overwrite: replace a dataset of the same id.
+        embedded: build one of dtlab's embedded datasets instead: pendulum/mixed-v0 (the default data) or pendulum/scripted-v0.
+    """
+    from dtlab.data.recording import EMBEDDED_DATASETS, record_dataset
+
+    if embedded is not None:
+        if embedded not in EMBEDDED_DATASETS:
+            raise UsageError(f"--embedded {embedded}: dtlab embeds {sorted(EMBEDDED_DATASETS)}.")
+        dataset = EMBEDDED_DATASETS[embedded](overwrite=overwrite)
+    else:
+        if not (dataset_id and env):
+            raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
+        expert_agents = agent_factory(expert, env, 0.0, seed + 1) if expert else None
+        dataset = record_dataset(
+            dataset_id,
+            env,
+            agent_factory(policy, env, noise, seed),
+            episodes,
+            seed=seed,
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+            expert=(lambda: expert_agents(0)) if expert_agents else None,
+            description=f"{policy} policy in {env}",
+            algorithm_name=policy,
+            overwrite=overwrite,
+        )
+    meta = dataset.storage.metadata
+    print(
+        f"{meta['dataset_id']}: {meta['total_episodes']} episodes, {meta['total_steps']} steps, "
+        f"reference returns: random {meta['ref_min_score']:.1f}, expert {meta['ref_max_score']:.1f}"
+    )
+
+
+def evaluate(
+    checkpoint: str,
+    episodes: int = 10,
+    seed: int = 0,
+    target_return: list[float] | None = None,
+    json: bool = False,
+    video: str | None = None,
+    threads: int = 1,
+) -> dict:
+    """Score a trained model in its dataset's environment; the checkpoint alone is enough (no dataset needed).
+
+        dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --episodes 20
+        dtlab evaluate runs/dt/version_0/checkpoints/last.ckpt --target_return '[-600, -300, -150]' --json true
+        MUJOCO_GL=egl dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --video iql.mp4
+
+    Args:
+        checkpoint: a dtlab checkpoint (.ckpt), e.g. runs/<algo>/version_N/checkpoints/last.ckpt.
+        episodes: episodes to run (per target return for a Decision Transformer).
+        seed: episode i is reset with seed + i.
+        target_return: Decision Transformer: the target returns to condition on (default: its eval_targets).
+        json: print one JSON object (returns, means, normalised scores) instead of text.
+        video: also record the first episode to this file (.mp4 or .gif; needs `pip install 'dtlab[video]'`).
+        threads: torch CPU threads.
+    """
+    from dtlab.callbacks import evaluate_returns
+    from dtlab.checkpoints import load_checkpoint
+
+    torch.set_num_threads(threads)
+    model = load_checkpoint(checkpoint).eval()
+    spec = model.spec
+    targets = getattr(model, "eval_targets", None)
+    if target_return is not None:
+        if targets is None:
+            raise UsageError(f"--target_return: {type(model).__name__} is not return-conditioned; only a DecisionTransformer takes targets.")
+        targets = list(target_return)
+    seeds = list(range(seed, seed + episodes))
+    start = time.perf_counter()
+    returns = evaluate_returns(model, seeds, targets, progress=not json and sys.stderr.isatty())
+    rows = returns.reshape(-1, episodes)
+    has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
+    result = {
+        "checkpoint": str(checkpoint),
+        "algorithm": type(model).__name__,
+        "dataset_id": spec.dataset_id,
+        "env_id": (spec.env_spec or {}).get("id"),
+        "episodes": episodes,
+        "seeds": seeds,
+        "results": [],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    for i, row in enumerate(rows):
+        entry = {"returns": row.tolist(), "return_mean": float(row.mean()), "return_std": float(row.std())}
+        if targets is not None:
+            entry = {"target_return": float(targets[i]), **entry}
+        if has_refs:
+            scores = spec.normalized_score(row)
+            entry |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
+        result["results"].append(entry)
+    if video is not None:
+        result["video"] = str(record_video(model, video, seed))
+    if json:
+        print(jsonlib.dumps(result))
+    else:
+        for entry in result["results"]:
+            head = f"target {entry['target_return']:g}: " if "target_return" in entry else ""
+            line = f"{spec.dataset_id}: {head}return {entry['return_mean']:.1f} ± {entry['return_std']:.1f} over {episodes} episodes"
+            if has_refs:
+                line += f", normalised score {entry['normalized_score_mean']:.1f} ± {entry['normalized_score_std']:.1f}"
+            print(line)
+        if video is not None:
+            print(f"video of the first episode: {result['video']}")
+    return result
+
+
+def record_video(model, path: str | Path, seed: int) -> Path:
+    """One greedy episode (reset with `seed`), rendered offscreen, written with imageio at the env's frame rate."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as err:
+        raise UsageError("--video needs imageio (and imageio-ffmpeg for .mp4): pip install 'dtlab[video]'.") from err
+    from dtlab.envs import make_env
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(model.spec, render_mode="rgb_array")
+    agent = model.make_agent(1)
+    frames, (observation, _) = [], env.reset(seed=seed)
+    done = False
+    with torch.no_grad():
+        while not done:
+            frames.append(env.render())
+            action = agent.act(np.asarray(observation)[None])[0]
+            observation, reward, terminated, truncated, _ = env.step(action)
+            agent.observe(np.array([reward]), np.array([terminated or truncated]))
+            done = terminated or truncated
+    fps = env.metadata.get("render_fps", 30)
+    env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, np.stack(frames), fps=fps) if path.suffix == ".mp4" else iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
+    return path
+
+
+def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None) -> None:
+    """Learning curves of one or many runs from their metrics.csv: the evaluation score (normalised where the
+    data has references, else the return) and every training loss, against updates. Runs that share a name
+    (runs/<name>/version_N: several seeds of one config) are drawn as their mean with a ± std band.
+
+        dtlab plot runs/iql                       # every version of runs/iql, as seeds
+        dtlab plot runs/iql runs/td3bc --out compare.png
+        dtlab plot runs/iql/version_0 --labels '[IQL seed 0]'
+
+    Args:
+        runs: run folders (runs/<name>/version_N), folders of versions (runs/<name>), or metrics.csv files.
+        out: the PNG to write.
+        labels: legend labels, one per group (default: the run names).
+    """
+    from dtlab.plots import find_metrics, plot_learning_curves
+
+    groups = find_metrics(runs)
+    if labels is not None:
+        if len(labels) != len(groups):
+            raise UsageError(f"--labels: {len(labels)} labels for {len(groups)} groups of runs ({', '.join(groups)}).")
+        groups = dict(zip(labels, groups.values()))
+    path = plot_learning_curves(groups, out)
+    described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
+    print(f"{path}: {', '.join(described)}")
+
+
+COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot}
