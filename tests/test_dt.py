@@ -297,3 +297,27 @@ def test_signature_defaults_are_the_papers() -> None:
     }
     parameters = inspect.signature(DecisionTransformer.__init__).parameters
     assert {name: p.default for name, p in parameters.items() if name not in ("self", "spec")} == documented
+
+
+def test_return_conditioning_on_the_embedded_mix_rises_with_the_target() -> None:
+    """The main job's point on a tiny budget: on data of controllers of several strengths (50 episodes of the
+    embedded default's recipe), a small DT achieves more when asked for more. Slope of achieved vs target over
+    three targets, every target on the same 10 episode seeds (training seeds 0, 1, 2 gave 0.41, 0.25, 0.16)."""
+    import lightning as L
+
+    from dtlab.callbacks import evaluate_returns
+    from dtlab.data.convert import dataset_dir
+    from dtlab.data.recording import make_pendulum_mixed
+
+    if not dataset_dir("test/mixed-v0").exists():
+        make_pendulum_mixed("test/mixed-v0", num_episodes=50)
+    L.seed_everything(0, verbose=False)
+    dm = OfflineDataModule("test/mixed-v0", batch_size=32, steps_per_epoch=1000)
+    model = DecisionTransformer(dm.spec, context_len=10, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=30)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25).fit(
+        model, dm
+    )
+    targets = np.array([-900.0, -500.0, -150.0])
+    achieved = evaluate_returns(model, list(range(10)), targets.tolist()).mean(1)
+    slope = np.polyfit(targets, achieved, 1)[0]
+    assert slope > 0.05, f"achieved {achieved.round()} for targets {targets}: slope {slope:.2f}"

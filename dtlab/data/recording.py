@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -147,18 +148,21 @@ def record_dataset(
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
-        minari.create_dataset_from_buffers(
-            dataset_id,
-            buffers,
-            env=env_id,
-            eval_env=env_id,
-            ref_min_score=ref_min_score,
-            ref_max_score=ref_max_score,
-            description=description,
-            algorithm_name=algorithm_name,
-            author="dtlab",
-            data_format="hdf5",
-        )
+        with warnings.catch_warnings():
+            # Minari recommends a code permalink and an author email for published datasets: noise for local ones.
+            warnings.filterwarnings("ignore", message=r"`(code_permalink|author_email)` is set to None")
+            minari.create_dataset_from_buffers(
+                dataset_id,
+                buffers,
+                env=env_id,
+                eval_env=env_id,
+                ref_min_score=ref_min_score,
+                ref_max_score=ref_max_score,
+                description=description,
+                algorithm_name=algorithm_name,
+                author="dtlab",
+                data_format="hdf5",
+            )
         target = root / dataset_id
         if target.exists():
             shutil.rmtree(target)
