@@ -236,9 +236,9 @@ def test_td3bc_actor_step_ascends_q_and_descends_bc(term: str) -> None:
         batch = batch.replace(actions=model.actor(s).detach())
     with torch.no_grad():
         before = model.actor(s).clone()
-    model.update(batch, opts, backward, step=0)  # (0 + 1) % 2 != 0: a critic-only update
+    model.update(batch, opts, backward, (), step=0)  # (0 + 1) % 2 != 0: a critic-only update
     torch.testing.assert_close(model.actor(s), before)
-    model.update(batch, opts, backward, step=1)  # the delayed actor update
+    model.update(batch, opts, backward, (), step=1)  # the delayed actor update
     with torch.no_grad():
         after = model.actor(s)
         if term == "q":  # measured with the critic the actor step ascended
@@ -396,6 +396,41 @@ def policy_dist(nets: SimpleNamespace, s: torch.Tensor, W=None, b=None) -> tuple
     return out[..., :A], out[..., A:].clamp(-20, 2)
 
 
+@pytest.mark.parametrize("lagrange", [False, True])
+@pytest.mark.parametrize("cls", [CQL, CalQL])
+def test_cql_update_gives_each_network_its_own_gradient(cls, lagrange: bool) -> None:
+    """After one update, π, the critics, log α (and log α′) each hold exactly the gradient of their own loss.
+    The critics are shifted so Q < 0 and the actor's loss is positive: a combined loss that mixes the terms
+    (e.g. actor_loss % critic_loss, or a missing term) then gives some network another gradient."""
+    model, _ = make_cql(cls, lagrange=lagrange)
+    with torch.no_grad():
+        model.critic.biases[-1].sub_(50.0)
+    batch = toy_batch()
+    opts, scheds = optimizers(model)
+    torch.manual_seed(7)
+    model.update(batch, opts, backward, scheds, step=0)
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    fresh, _ = make_cql(cls, lagrange=lagrange)  # the same networks, before the step
+    with torch.no_grad():
+        fresh.critic.biases[-1].sub_(50.0)
+    torch.manual_seed(7)
+    actor_loss, log_pi = fresh.actor_loss(batch)
+    critic_loss, gap = fresh.critic_loss(batch)
+    assert float(actor_loss) > 0, "the setting this test needs: a positive actor loss"
+    own = {"policy.actor": actor_loss, "critic": critic_loss, "log_alpha": fresh.alpha_loss(log_pi)}
+    if lagrange:
+        own["log_alpha_prime"] = fresh.alpha_prime_loss(gap)
+    for prefix, loss in own.items():
+        params = {name: p for name, p in fresh.named_parameters() if name.startswith(prefix + ".") or name == prefix}
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, _), grad in zip(params.items(), grads):
+            expected = torch.zeros_like(got[name]) if grad is None else grad
+            torch.testing.assert_close(got[name], expected, msg=f"{name}: not the gradient of the {prefix} loss alone")
+    assert set(got) == {name for prefix in own for name, _ in fresh.named_parameters() if name.startswith(prefix + ".") or name == prefix}
+
+
 @pytest.mark.parametrize("target_action", ["mean", "sample"])
 @pytest.mark.parametrize("backup_entropy", [False, True])
 def test_cql_td_target(target_action: str, backup_entropy: bool) -> None:
@@ -525,7 +560,7 @@ def test_cql_alpha_rises_when_entropy_is_below_target(target_entropy: float, dir
     opts, _ = optimizers(model)
     before = model.log_alpha.item()
     torch.manual_seed(0)
-    model.update(toy_batch(), opts, backward)
+    model.update(toy_batch(), opts, backward, (), step=0)
     assert direction * (model.log_alpha.item() - before) > 1e-6
 
 
@@ -536,7 +571,7 @@ def test_cql_alpha_prime_rises_while_the_gap_exceeds_its_target(target_action_ga
     opts, _ = optimizers(model)
     before = model.log_alpha_prime.item()
     torch.manual_seed(0)
-    model.update(toy_batch(), opts, backward)
+    model.update(toy_batch(), opts, backward, (), step=0)
     assert direction * (model.log_alpha_prime.item() - before) > 1e-6
 
 

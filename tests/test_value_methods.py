@@ -135,7 +135,7 @@ def test_td3bc_policy_delay_and_lambda() -> None:
     model = TD3BC(toy_spec(), policy_delay=3, **SMALL)
     opts, _ = plain_optimizers(model)
     actor_before = [p.clone() for p in model.actor.parameters()]
-    keys = [set(model.update(toy_batch(seed=i), opts, backward, step=i)) for i in range(7)]
+    keys = [set(model.update(toy_batch(seed=i), opts, backward, (), step=i)) for i in range(7)]
     assert [i for i, k in enumerate(keys) if "actor_loss" in k] == [2, 5], "the actor steps on every policy_delay-th update"
     assert all(k == {"critic_loss"} for i, k in enumerate(keys) if i not in (2, 5))
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, model.actor.parameters()))
@@ -207,7 +207,7 @@ def train_toy_critic(cql_alpha: float) -> tuple[float, float]:
             rewards=torch.zeros(64),
             terminals=torch.ones(64),
         )
-        model.update(batch, opts, backward)
+        model.update(batch, opts, backward, (), step=step)
     with torch.no_grad():
         q = model.critic(torch.zeros(2, 1), torch.tensor([[0.4], [-0.8]])).min(0).values
     return q[0].item(), q[1].item()

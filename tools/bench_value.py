@@ -151,7 +151,7 @@ def flops_per_update(algo: str, dataset: str) -> float:
     model, optimizers, schedulers, sample = plain_setup(algo, dataset)
     batch = sample()
     with FlopCounterMode(display=False) as counter:
-        model.update(batch, optimizers, torch.Tensor.backward, schedulers)
+        model.update(batch, optimizers, torch.Tensor.backward, schedulers, step=0)
     return float(counter.get_total_flops())
 
 

@@ -81,7 +81,7 @@ class ActorCriticModule(OfflineRLModule):
         )
 
     def update(
-        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One iteration of the algorithm on a prepared batch (`step`: updates done before it); returns
         metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`."""

@@ -180,7 +180,7 @@ class CQL(ActorCriticModule):
     # -- one update ------------------------------------------------------------------------------
 
     def update(
-        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One CQL iteration on a prepared batch. All losses come from the same parameters (as in the
         authors' and CORL's code), then each of α, π, Q (and α′) takes its own step; Polyak update.

@@ -124,7 +124,7 @@ class IQL(ActorCriticModule):
     # -- one update ------------------------------------------------------------------------------
 
     def update(
-        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One IQL iteration on a prepared batch: π, Q and V steps, cosine actor LR, Polyak update.
         `backward` is Lightning's manual_backward or plain `loss.backward()`."""

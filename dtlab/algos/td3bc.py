@@ -101,7 +101,7 @@ class TD3BC(ActorCriticModule):
     # -- one update ------------------------------------------------------------------------------
 
     def update(
-        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence = (), step: int = 0
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
         and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
