@@ -209,6 +209,8 @@ def record_video(model, path: str | Path, seed: int) -> Path:
     from dtlab.envs import make_env
 
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless pygame (classic control) rendering
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     env = make_env(model.spec, render_mode="rgb_array")
     agent = model.make_agent(1)
     frames, (observation, _) = [], env.reset(seed=seed)
@@ -224,7 +226,10 @@ def record_video(model, path: str | Path, seed: int) -> Path:
     env.close()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, np.stack(frames), fps=fps) if path.suffix == ".mp4" else iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
+    if path.suffix == ".mp4":  # frames as rendered (no resizing to the codec's 16-pixel blocks)
+        iio.imwrite(path, np.stack(frames), fps=fps, macro_block_size=1)
+    else:
+        iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
     return path
 
 

@@ -137,6 +137,19 @@ def test_make_dataset_fit_evaluate_plot_chain(tmp_path, capsys):
     assert "bc (1 run)" in capsys.readouterr().out and (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+def test_evaluate_records_a_video_of_the_first_episode(pendulum_id, tmp_path, capsys):
+    run_cli(fit_args(pendulum_id, tmp_path, "--trainer.max_steps", "5", "--data.steps_per_epoch", "5", "--evaluation.episodes", "0"))
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    capsys.readouterr()
+    main(["evaluate", str(ckpt), "--episodes", "1", "--video", str(tmp_path / "episode.mp4"), "--json"])
+    assert json.loads(capsys.readouterr().out)["video"] == str(tmp_path / "episode.mp4")
+    import imageio.v3 as iio
+
+    frames = iio.imread(tmp_path / "episode.mp4")
+    assert frames.shape == (200, 500, 500, 3)  # Pendulum-v1: 200 steps of 500 x 500 RGB
+    assert frames.std() > 1.0  # not a blank render
+
+
 def test_command_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["make-dataset", "--env", "Pendulum-v1"])
