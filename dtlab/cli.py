@@ -72,7 +72,7 @@ class ProgressBar(TQDMProgressBar):
 class DTLabCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # Evaluation is a callback of `fit` (and `tools/evaluate.py` for a checkpoint): Lightning's
+        # Evaluation is a callback of `fit` (and `dtlab evaluate` for a checkpoint): Lightning's
         # validate/test/predict loops have nothing to run here, so they are not offered.
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 

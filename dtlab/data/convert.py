@@ -53,7 +53,7 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
         EMBEDDED_DATASETS[dataset_id]()
     if not dataset_dir(dataset_id).exists():
         local = ", ".join(local_dataset_ids()) or "none"
-        where = f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, or build one with `python tools/make_dataset.py`."
+        where = f"Local datasets: {local}. Set MINARI_DATASETS_PATH to the folder that holds it, or build one with `dtlab make-dataset`."
         if not hub_reachable():  # Minari would retry for ~25 s before failing
             raise DatasetError(
                 f"Dataset '{dataset_id}' is not in {minari_root()}, and the HuggingFace Hub (Minari's remote) cannot be reached to download it. {where}"
@@ -115,7 +115,7 @@ def _flatten(obs: Any, space: gym.Space) -> np.ndarray:
 def _check_episode(dataset_id: str, i: int, obs: np.ndarray, actions: np.ndarray, ep) -> None:
     def fail(what: str) -> None:
         raise DatasetError(
-            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset (e.g. `python tools/make_dataset.py`); nothing was cached."
+            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset (e.g. `dtlab make-dataset`); nothing was cached."
         )
 
     steps = len(ep.rewards)
