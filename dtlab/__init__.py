@@ -4,6 +4,7 @@
     data = OfflineDataModule("halfcheetah/medium-v0")
     model = IQL(spec=data.spec)              # any algorithm in dtlab.ALGORITHMS
     model = load_checkpoint("runs/iql/version_0/checkpoints/last.ckpt")
+    model = dtlab.from_pretrained("user/iql-halfcheetah")   # a saved folder or a Hub repo (safetensors + JSON)
     actions = model.policy(observations)     # raw observations in, actions in the env's units out
 
 The command line (`dtlab fit -c conf/<algo>.yaml`) is the usual way in; see the README.
@@ -39,6 +40,10 @@ _API = {
     "DatasetSpec": "dtlab.spec",
     "DatasetError": "dtlab.spec",
     "load_checkpoint": "dtlab.checkpoints",
+    "load_model": "dtlab.hub",
+    "from_pretrained": "dtlab.hub",
+    "save_pretrained": "dtlab.hub",
+    "push_to_hub": "dtlab.hub",
     "evaluate_returns": "dtlab.callbacks",
     "EnvEvaluation": "dtlab.callbacks",
     "record_dataset": "dtlab.data.recording",

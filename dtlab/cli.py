@@ -168,6 +168,8 @@ commands:
   make-dataset   record a policy (random, scripted, a checkpoint, module:function) into a Minari dataset
   evaluate       score a checkpoint in its environment (--json, --target_return for DT, --video)
   plot           learning curves of one or many runs (seeds as mean ± band) from their metrics.csv
+  save           write a model folder: model.safetensors, config.json, a model card, the run's plots
+  push           upload a model with its card to the HuggingFace Hub (evaluate accepts the repo id)
 
 Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,
 no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,

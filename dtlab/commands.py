@@ -142,7 +142,8 @@ def evaluate(
         MUJOCO_GL=egl dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --video iql.mp4
 
     Args:
-        checkpoint: a dtlab checkpoint (.ckpt), e.g. runs/<algo>/version_N/checkpoints/last.ckpt.
+        checkpoint: a dtlab checkpoint (.ckpt, e.g. runs/<algo>/version_N/checkpoints/last.ckpt), a model folder
+            (dtlab save / save_pretrained) or a HuggingFace Hub repo id (user/name).
         episodes: episodes to run (per target return for a Decision Transformer).
         seed: episode i is reset with seed + i.
         target_return: Decision Transformer: the target returns to condition on (default: its eval_targets).
@@ -151,10 +152,10 @@ def evaluate(
         threads: torch CPU threads.
     """
     from dtlab.callbacks import evaluate_returns
-    from dtlab.checkpoints import load_checkpoint
+    from dtlab.hub import load_model
 
     torch.set_num_threads(threads)
-    model = load_checkpoint(checkpoint).eval()
+    model = load_model(checkpoint)
     spec = model.spec
     targets = getattr(model, "eval_targets", None)
     if target_return is not None:
@@ -259,4 +260,62 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
     print(f"{path}: {', '.join(described)}")
 
 
-COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot}
+def _run_dir(checkpoint: str) -> Path | None:
+    """runs/<name>/version_N of a checkpoint in its run's checkpoints/ folder (its plots and config go along)."""
+    path = Path(checkpoint)
+    return path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else None
+
+
+def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0) -> None:
+    """Write a trained model as a folder: model.safetensors (tensors only), config.json (algorithm, hyperparameters,
+    spaces, observation statistics, references, env and dataset ids) and a model card (README.md), plus the run's
+    plots and config. `dtlab evaluate OUT`, `dtlab.from_pretrained(OUT)` and `dtlab push` read it.
+
+        dtlab save runs/iql/version_0/checkpoints/last.ckpt --out models/iql-halfcheetah --eval_episodes 10
+
+    Args:
+        checkpoint: a dtlab checkpoint (.ckpt) or a model folder.
+        out: the folder to write.
+        eval_episodes: evaluate over this many episodes first and put the result in the card (0: no evaluation).
+        seed: episode i of the evaluation is reset with seed + i.
+    """
+    from dtlab.hub import evaluate_for_card, load_model, save_pretrained
+
+    if out is None:
+        raise UsageError("save needs --out FOLDER, the model folder to write.")
+    model = load_model(checkpoint)
+    evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
+    path = save_pretrained(model, out, evaluation, _run_dir(checkpoint))
+    print(f"{path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
+
+
+def push(checkpoint: str, repo_id: str | None = None, private: bool = False, eval_episodes: int = 10, seed: int = 0, token: str | None = None) -> None:
+    """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
+    model-index. The token comes from --token, HF_TOKEN or `hf auth login`.
+
+        dtlab push runs/iql/version_0/checkpoints/last.ckpt --repo_id you/iql-halfcheetah-medium --eval_episodes 10
+
+    Args:
+        checkpoint: a dtlab checkpoint (.ckpt) or a model folder.
+        repo_id: the Hub model repo, user/name (created if it does not exist).
+        private: create the repo private.
+        eval_episodes: evaluate over this many episodes before uploading, for the card (0: no evaluation).
+        seed: episode i of the evaluation is reset with seed + i.
+        token: a HuggingFace token with write access (default: the logged-in one).
+    """
+    from dtlab.hub import evaluate_for_card, load_model, push_to_hub
+
+    if repo_id is None or repo_id.count("/") != 1:
+        raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
+    model = load_model(checkpoint)
+    evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
+    url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint))
+    score = ""
+    if evaluation is not None:
+        score = f" (evaluated: return {evaluation['return_mean']:.1f}" + (
+            f", normalised score {evaluation['normalized_score_mean']:.1f})" if "normalized_score_mean" in evaluation else ")"
+        )
+    print(f"pushed {type(model).__name__} to {repo_id}{score}: {url}")
+
+
+COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot, "save": save, "push": push}

@@ -114,9 +114,7 @@ def _flatten(obs: Any, space: gym.Space) -> np.ndarray:
 
 def _check_episode(dataset_id: str, i: int, obs: np.ndarray, actions: np.ndarray, ep) -> None:
     def fail(what: str) -> None:
-        raise DatasetError(
-            f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset (e.g. `dtlab make-dataset`); nothing was cached."
-        )
+        raise DatasetError(f"Dataset '{dataset_id}', episode {i}: {what}. Fix or regenerate the dataset (e.g. `dtlab make-dataset`); nothing was cached.")
 
     steps = len(ep.rewards)
     if steps == 0:

@@ -1,0 +1,264 @@
+"""Models as folders and on the HuggingFace Hub: save_pretrained, from_pretrained and push_to_hub for every algorithm.
+
+A model folder holds
+
+- `model.safetensors`: the model's tensors (the networks and the Policy's observation statistics), nothing else;
+- `config.json`: the algorithm's registry name, its hyperparameters with the dataset spec (spaces, statistics,
+  reference returns, environment), the env and dataset ids, the dtlab version, and the evaluation if one was run;
+- `README.md`: a model card (HF metadata: tags, `model-index` with the normalised score; evaluation table,
+  hyperparameters, how to load and evaluate it, the command that trained it, the learning curve);
+- from a training run, where present: `learning_curve.png`, `return_conditioning.png` and the run's `config.yaml`.
+
+Loading reads JSON and safetensors only, so nothing in a folder or a Hub repo can run code; the algorithm is
+built from dtlab's registry (`dtlab.ALGORITHMS`), never from an import path the folder names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+from safetensors import SafetensorError
+
+from dtlab.algos import ALGORITHMS, OfflineRLModule
+from dtlab.checkpoints import CheckpointError
+from dtlab.spec import DatasetSpec
+
+CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
+RUN_FILES = ("learning_curve.png", "return_conditioning.png", "config.yaml")  # copied from a run folder when present
+
+
+def model_config(model: OfflineRLModule, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What config.json holds: plain JSON, enough to rebuild the model with no other file but the weights."""
+    from dtlab import __version__
+
+    hyperparameters = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_")}
+    spec = model.spec
+    return {
+        "dtlab_algorithm": type(model).__name__,
+        "dtlab_version": __version__,
+        "env_id": (spec.env_spec or {}).get("id"),
+        "dataset_id": spec.dataset_id,
+        "hyperparameters": json.loads(json.dumps(hyperparameters, default=_plain)),
+        "evaluation": evaluation,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def evaluate_for_card(model: OfflineRLModule, episodes: int, seed: int = 0) -> dict[str, Any]:
+    """Greedy returns over `episodes` seeded episodes (a DT at its first target), summarised for the card."""
+    from dtlab.callbacks import evaluate_returns
+
+    targets = getattr(model, "eval_targets", None)
+    returns = evaluate_returns(model, list(range(seed, seed + episodes)), None if targets is None else targets[:1]).reshape(-1)
+    out = {"episodes": episodes, "seed": seed, "return_mean": float(returns.mean()), "return_std": float(returns.std())}
+    if targets is not None:
+        out["target_return"] = float(targets[0])
+    if model.spec.ref_min_score is not None and model.spec.ref_max_score is not None:
+        scores = model.spec.normalized_score(returns)
+        out |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
+    return out
+
+
+def save_pretrained(
+    model: OfflineRLModule, directory: str | Path, evaluation: dict[str, Any] | None = None, run_dir: str | Path | None = None, repo_id: str | None = None
+) -> Path:
+    """Write the model folder (see the module's docstring); `run_dir` (runs/<name>/version_N) adds its plots and
+    config; `repo_id` names the model in the card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
+    config = model_config(model, evaluation)
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    copied = []
+    for name in RUN_FILES if run_dir is not None else ():
+        if (Path(run_dir) / name).is_file():
+            shutil.copyfile(Path(run_dir) / name, directory / name)
+            copied.append(name)
+    model_card(model, config, copied, repo_id).save(directory / CARD)
+    return directory
+
+
+def from_pretrained(
+    source: str | Path, revision: str | None = None, token: str | None = None, expected: type[OfflineRLModule] | None = None
+) -> OfflineRLModule:
+    """A model from a folder written by `save_pretrained`, or from a Hub repo id ("user/name"): strict loading."""
+    directory = Path(source)
+    if not directory.is_dir():
+        if directory.exists() or str(source).count("/") != 1:
+            raise CheckpointError(f"{source} is neither a model folder (config.json + model.safetensors) nor a Hub repo id (user/name).")
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=[CONFIG, WEIGHTS]))
+    config_path, weights = directory / CONFIG, directory / WEIGHTS
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {source} is not a dtlab model folder (it needs {CONFIG} and {WEIGHTS}).")
+    try:
+        config = json.loads(config_path.read_text())
+        name, hyperparameters = config["dtlab_algorithm"], config["hyperparameters"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_path} is not a dtlab model config ({type(err).__name__}: {err}).") from None
+    if name not in ALGORITHMS:
+        raise CheckpointError(f"{config_path} names algorithm {name!r}; dtlab knows {', '.join(ALGORITHMS)}.")
+    cls = ALGORITHMS[name]
+    if expected is not None and expected is not OfflineRLModule and not issubclass(cls, expected):
+        raise CheckpointError(f"{config_path}: the folder holds a {name} model, not a {expected.__name__}; load it with dtlab.from_pretrained.")
+    model = cls(**hyperparameters)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights} is truncated or corrupt ({err}). Download or save the model again.") from None
+    except RuntimeError as err:  # a tensor of another shape: other spaces or sizes than config.json says
+        raise CheckpointError(f"{weights} does not fit the model {config_path} describes: {err}".splitlines()[0]) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not hold the tensors of the {name} that {config_path} describes "
+            f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})."
+        )
+    return model.eval()
+
+
+def load_model(source: str | Path) -> OfflineRLModule:
+    """Whatever a user points at: a checkpoint file (.ckpt), a model folder, or a Hub repo id."""
+    from dtlab.checkpoints import load_checkpoint
+
+    return load_checkpoint(source).eval() if Path(source).is_file() else from_pretrained(source)
+
+
+def push_to_hub(
+    model: OfflineRLModule,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    evaluation: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    commit_message: str = "Upload dtlab model",
+) -> str:
+    """save_pretrained into a temporary folder and upload it as one commit (token: HF_TOKEN or `hf auth login`)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="dtlab-push-") as tmp:
+        save_pretrained(model, tmp, evaluation, run_dir, repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return commit.commit_url
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ algorithm }} on {{ dataset_id }}
+
+{{ description }} Trained with dtlab {{ dtlab_version }} (offline RL on PyTorch Lightning) on the offline dataset
+`{{ dataset_id }}` (environment `{{ env_id }}`).
+
+## Evaluation
+
+{% if evaluation -%}
+| episodes | return (mean ± std) | normalised score (mean ± std) |
+| --- | --- | --- |
+| {{ evaluation.episodes }}{% if evaluation.target_return is defined %} (target return {{ evaluation.target_return }}){% endif %} | {{ "%.1f"|format(evaluation.return_mean) }} ± {{ "%.1f"|format(evaluation.return_std) }} | {% if evaluation.normalized_score_mean is defined %}{{ "%.1f"|format(evaluation.normalized_score_mean) }} ± {{ "%.1f"|format(evaluation.normalized_score_std) }}{% else %}n/a (the data has no reference returns){% endif %} |
+
+Greedy actions, episode i reset with seed {{ evaluation.seed }} + i. Normalised score: 0 = random policy ({{ ref_min }}), 100 = expert ({{ ref_max }}).
+{%- else -%}
+Not evaluated at upload (`dtlab push --eval_episodes N` adds an evaluation).
+{%- endif %}
+{% for image in images %}
+![{{ image }}]({{ image }})
+{% endfor %}
+## Use
+
+```python
+import dtlab, torch
+
+model = dtlab.from_pretrained("{{ repo_id }}")   # or a local folder; safetensors + JSON only
+{%- if stateless %}
+actions = model.policy(torch.as_tensor(observations, dtype=torch.float32))   # raw observations -> actions in the env's units
+{%- else %}
+agent = model.make_agent(num_envs=1)   # keeps the context window and returns-to-go between steps
+{%- endif %}
+```
+
+```bash
+dtlab evaluate {{ repo_id }} --episodes 10
+```
+
+## Training
+
+{% if trained_with_config -%}
+`dtlab fit -c config.yaml` (the run's full configuration is in `config.yaml` in this repo).
+{%- else -%}
+Hyperparameters are in `config.json`.
+{%- endif %}
+
+| hyperparameter | value |
+| --- | --- |
+{% for key, value in hyperparameters.items() -%}
+| `{{ key }}` | `{{ value }}` |
+{% endfor %}
+"""
+
+
+def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str], repo_id: str | None = None):
+    """The README.md: HF metadata (tags, model-index with the normalised score) and a readable card."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    spec: DatasetSpec = model.spec
+    algorithm = type(model).__name__
+    evaluation = config["evaluation"]
+    results = []
+    if evaluation is not None:
+        metric, value = (
+            ("normalized_score", evaluation["normalized_score_mean"]) if "normalized_score_mean" in evaluation else ("return", evaluation["return_mean"])
+        )
+        results.append(
+            EvalResult(
+                task_type="reinforcement-learning",
+                task_name="Offline reinforcement learning",
+                dataset_type=spec.dataset_id,
+                dataset_name=spec.dataset_id,
+                metric_type=metric,
+                metric_name=f"{metric.replace('_', ' ')} ({evaluation['episodes']} episodes)",
+                metric_value=round(value, 2),
+            )
+        )
+    env_id = config["env_id"] or "unknown"
+    data = ModelCardData(
+        library_name="dtlab",
+        tags=["offline-rl", "dtlab", "reinforcement-learning", algorithm.lower(), env_id],
+        model_name=repo_id or f"{algorithm.lower()}-{spec.dataset_id.replace('/', '-')}",
+        eval_results=results or None,
+    )
+    hyperparameters = {k: v for k, v in config["hyperparameters"].items() if k != "spec"}
+    return ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        algorithm=algorithm,
+        description=(type(model).__doc__ or "").strip().splitlines()[0],
+        dataset_id=spec.dataset_id,
+        env_id=env_id,
+        dtlab_version=config["dtlab_version"],
+        evaluation=evaluation,
+        ref_min=spec.ref_min_score,
+        ref_max=spec.ref_max_score,
+        images=[f for f in files if f.endswith(".png")],
+        repo_id=repo_id or "<user>/<repo>",
+        stateless=getattr(model, "eval_targets", None) is None,
+        trained_with_config="config.yaml" in files,
+        hyperparameters=hyperparameters,
+    )
