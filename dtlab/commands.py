@@ -318,4 +318,32 @@ def push(checkpoint: str, repo_id: str | None = None, private: bool = False, eva
     print(f"pushed {type(model).__name__} to {repo_id}{score}: {url}")
 
 
-COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot, "save": save, "push": push}
+def export(checkpoint: str, out: str | None = None, format: str = "onnx") -> None:
+    """Write a trained policy as a file that acts without dtlab: normalisation and action scaling inside, greedy actions.
+    Stateless policies map observations (N, obs_dim) to actions (N, act_dim); a Decision Transformer exports its
+    context-window policy (observations, actions, returns_to_go, timesteps, mask -> the last step's action).
+
+        dtlab export runs/iql/version_0/checkpoints/last.ckpt --out iql.onnx                      # onnxruntime
+        dtlab export runs/iql/version_0/checkpoints/last.ckpt --out iql.pt --format torchscript   # torch.jit.load
+
+    Args:
+        checkpoint: a dtlab checkpoint (.ckpt), a model folder or a Hub repo id.
+        out: the file to write (default: policy.onnx / policy.pt).
+        format: onnx (needs `pip install 'dtlab[export]'`) or torchscript.
+    """
+    from dtlab.export import export_policy
+    from dtlab.hub import load_model
+
+    if format not in ("onnx", "torchscript"):
+        raise UsageError(f"--format {format}: choose onnx or torchscript.")
+    if format == "onnx":
+        try:
+            import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+        except ImportError as err:
+            raise UsageError("--format onnx needs onnx and onnxscript: pip install 'dtlab[export]'.") from err
+    model = load_model(checkpoint)
+    path = export_policy(model, out or ("policy.onnx" if format == "onnx" else "policy.pt"), format)
+    print(f"{path}: {type(model).__name__} policy as {format}")
+
+
+COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot, "save": save, "push": push, "export": export}

@@ -1,0 +1,100 @@
+"""Policy export: ONNX or TorchScript files that act without dtlab, normalisation and action scaling inside.
+
+- Stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL): `observations (N, obs_dim) float32 -> actions (N, act_dim)`
+  in the environment's units (discrete: `(N,)` action indices), greedy.
+- Decision Transformer: its context-window policy, `observations (N, K, obs_dim), actions (N, K, act_dim),
+  returns_to_go (N, K, 1), timesteps (N, K) int64, mask (N, K) int64 -> action (N, act_dim)` for the last step of
+  each window (left-pad short windows with mask 0). The caller keeps the window and the returns-to-go, as
+  `dtlab.algos.dt.DTAgent` does.
+
+    onnxruntime.InferenceSession("policy.onnx").run(None, {"observations": obs})[0]
+    torch.jit.load("policy.pt")(torch.as_tensor(obs))
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dtlab.algos import DecisionTransformer, OfflineRLModule
+
+DT_INPUTS = ("observations", "actions", "returns_to_go", "timesteps", "mask")
+
+
+class GreedyPolicy(nn.Module):
+    """A stateless model's Policy with its greedy action as the whole forward."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.policy(observations, True)
+
+
+class LastStepPolicy(nn.Module):
+    """DTPolicy over a context window, returning the action for the window's last step."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.policy(observations, actions, returns_to_go, timesteps, mask)[:, -1]
+
+
+def exportable(model: OfflineRLModule, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[str, ...], str]:
+    """(module, example inputs, input names, output name) of a model's policy, on CPU in eval mode."""
+    model = model.cpu().eval()
+    spec = model.spec
+    if isinstance(model, DecisionTransformer):
+        k = model.policy.context_len
+        action_shape = (batch, k) if spec.discrete else (batch, k, spec.action_dim)
+        example = (
+            torch.randn(batch, k, spec.observation_dim),
+            torch.zeros(action_shape, dtype=torch.long) if spec.discrete else torch.zeros(action_shape),
+            torch.full((batch, k, 1), float(spec.return_max)),
+            torch.arange(k).repeat(batch, 1),
+            torch.cat([torch.zeros(batch, 1, dtype=torch.long), torch.ones(batch, k - 1, dtype=torch.long)], 1),  # with padding
+        )
+        return LastStepPolicy(model.policy).eval(), example, DT_INPUTS, "action"
+    return GreedyPolicy(model.policy).eval(), (torch.randn(batch, spec.observation_dim),), ("observations",), "actions"
+
+
+def export_policy(model: OfflineRLModule, path: str | Path, format: Literal["onnx", "torchscript"] = "onnx") -> Path:
+    """Write the model's greedy policy to `path` as ONNX (opset of torch's exporter, dynamic batch) or TorchScript."""
+    module, example, names, output = exportable(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.13 marks torch.jit deprecated, and tracing notes Python branches on tensors (transformers' mask
+        # checks): the file is still a valid TorchScript program, checked against the module in tests/test_export.py.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+        if format == "torchscript":
+            torch.jit.trace(module, example).save(str(path))
+        elif format == "onnx":
+            # the exporter logs one line per torchvision op it skips when torchvision is absent: not dtlab's concern
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=list(names),
+                output_names=[output],
+                dynamic_shapes={name: {0: batch} for name in names},
+                verbose=False,
+                report=False,
+            )
+        else:
+            raise ValueError(f"export format {format!r}: choose onnx or torchscript.")
+    return path
