@@ -106,6 +106,8 @@ def test_updates_are_the_unit_and_a_checkpoint_acts_alone(config, pendulum_id, t
     evaluated = [int(r["step"]) for r in rows if r.get("eval/return")]
     assert evaluated == [2, 5], "one evaluation per epoch of 3 updates (steps are logged 0-based)"
     assert max(int(r["step"]) for r in rows) == 5
+    trained = [int(r["step"]) for r in rows if any(r[k] for k in r if k.startswith("train/"))]
+    assert trained == list(range(6)), "log_every_n_steps 1: a row of training metrics at every update"
     last = next(tmp_path.rglob("last.ckpt"))
     assert read_checkpoint(last)["global_step"] == 6
 

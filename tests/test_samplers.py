@@ -258,3 +258,11 @@ def test_train_dataloader_serves_the_rank_zero_stream(pendulum_id: str) -> None:
     got = [b.observations for b in islice(iter(dm.train_dataloader()), 3)]
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(x, y) for x, y in zip(got, expected))
+
+
+def test_batch_format_refuses_windows_without_a_context() -> None:
+    assert BatchFormat("windows", context_len=1).context_len == 1  # one step is a valid window
+    for bad in (None, 0, -3):
+        with pytest.raises(ValueError, match="needs a context_len >= 1"):
+            BatchFormat("windows", context_len=bad)
+    assert BatchFormat("transitions").context_len is None
