@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point `dtlab`: errors the user can fix print as one message (DTLAB_DEBUG=1 for the traceback)."""
     from dtlab.commands import COMMANDS
 
-    argv = sys.argv[1:] if argv is None else argv
+    from_shell = argv is None
+    argv = sys.argv[1:] if from_shell else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         sys.exit(0 if argv else 2)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"dtlab: unknown command {argv[0]!r}; the commands are fit, {', '.join(COMMANDS)} (dtlab --help).")
     try:
         if argv[0] == "fit":
-            run_cli(argv)
+            run_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself (and does not warn)
         else:
             run_command(argv)
     except USER_ERRORS as err:

@@ -116,11 +116,12 @@ def test_make_dataset_fit_evaluate_plot_chain(tmp_path, capsys):
     main(["make-dataset", "--dataset_id", "chain/pendulum-v0", "--env", "Pendulum-v1", "--policy", "scripted:pendulum", "--noise", "0.5", "--episodes", "6"])
     assert "chain/pendulum-v0: 6 episodes, 1200 steps" in capsys.readouterr().out
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     out = tmp_path / "runs"
     args = fit_args("chain/pendulum-v0", out, "--trainer.max_steps", "40", "--data.steps_per_epoch", "20", "--evaluation.episodes", "2")
     fit = subprocess.run([str(Path(sys.executable).with_name("dtlab")), *args], capture_output=True, text=True, env=env, timeout=300)
     assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "Warning" not in fit.stderr and "💡" not in fit.stdout + fit.stderr, fit.stderr[-3000:]  # what a user sees is quiet
     summary = fit.stdout[fit.stdout.index("BC on chain/pendulum-v0: done") :]
     assert "updates      40 in" in summary and "final        eval/return" in summary and "(after 40 updates)" in summary
     run = out / "bc" / "version_0"
