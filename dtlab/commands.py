@@ -325,17 +325,27 @@ def export(checkpoint: str, out: str | None = None, format: str = "onnx") -> Non
 
         dtlab export runs/iql/version_0/checkpoints/last.ckpt --out iql.onnx                      # onnxruntime
         dtlab export runs/iql/version_0/checkpoints/last.ckpt --out iql.pt --format torchscript   # torch.jit.load
+        dtlab export runs/dt/version_0/checkpoints/last.ckpt --out dt-hf --format transformers    # DecisionTransformerModel
 
     Args:
         checkpoint: a dtlab checkpoint (.ckpt), a model folder or a Hub repo id.
-        out: the file to write (default: policy.onnx / policy.pt).
-        format: onnx (needs `pip install 'dtlab[export]'`) or torchscript.
+        out: the file (or, for transformers, folder) to write (default: policy.onnx / policy.pt / policy-transformers).
+        format: onnx (needs `pip install 'dtlab[export]'`), torchscript, or transformers (a continuous-action
+            Decision Transformer as a transformers.DecisionTransformerModel folder; normalisation in its config.json).
     """
-    from dtlab.export import export_policy
+    from dtlab.export import export_policy, to_transformers
     from dtlab.hub import load_model
 
-    if format not in ("onnx", "torchscript"):
-        raise UsageError(f"--format {format}: choose onnx or torchscript.")
+    if format not in ("onnx", "torchscript", "transformers"):
+        raise UsageError(f"--format {format}: choose onnx, torchscript or transformers.")
+    if format == "transformers":
+        model = load_model(checkpoint)
+        try:
+            path = to_transformers(model, out or "policy-transformers")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        print(f"{path}: {type(model).__name__} as a transformers DecisionTransformerModel folder")
+        return
     if format == "onnx":
         try:
             import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)

@@ -98,3 +98,34 @@ def export_policy(model: OfflineRLModule, path: str | Path, format: Literal["onn
         else:
             raise ValueError(f"export format {format!r}: choose onnx or torchscript.")
     return path
+
+
+def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:
+    """A continuous-action DT as a folder `transformers.DecisionTransformerModel.from_pretrained` loads, in the layout
+    of the public `edbeeching/decision-transformer-gym-*` repos, with what acting needs beside the weights added to
+    config.json: `state_mean`, `state_std` (feed `(s - state_mean) / state_std`), `return_scale` (feed returns-to-go
+    divided by it), `action_low` / `action_high` (the model's tanh outputs map linearly onto them), and the env id.
+    Actions fed back into the model are in the same [-1, 1] units as its outputs."""
+    if not isinstance(model, DecisionTransformer) or model.spec.discrete:
+        raise ValueError("transformers' DecisionTransformerModel has continuous (tanh) actions only: export a continuous-action DecisionTransformer.")
+    policy = model.policy
+    config = policy.model.config
+    spec = model.spec
+    extra = {
+        "state_mean": [float(x) for x in policy.obs_mean],
+        "state_std": [float(x) for x in policy.obs_std],
+        "return_scale": 1.0 / policy.rtg_scale,
+        "action_low": [float(x) for x in spec.action_low],
+        "action_high": [float(x) for x in spec.action_high],
+        "env_id": (spec.env_spec or {}).get("id"),
+        "dtlab_dataset_id": spec.dataset_id,
+        "context_len": policy.context_len,
+    }
+    for key, value in extra.items():
+        setattr(config, key, value)
+    try:
+        policy.model.save_pretrained(str(directory))
+    finally:
+        for key in extra:
+            delattr(config, key)
+    return Path(directory)

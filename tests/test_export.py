@@ -39,3 +39,34 @@ def test_exported_policy_matches_the_module(name, pendulum_id, tmp_path, capsys)
     np.testing.assert_allclose(session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0], expected, atol=1e-5)
     scripted = torch.jit.load(str(tmp_path / "policy.pt"))
     np.testing.assert_allclose(scripted(*inputs).detach().numpy(), expected, atol=1e-5)
+
+
+def test_a_dt_exports_to_transformers_and_acts_the_same(pendulum_id, tmp_path):
+    """transformers.DecisionTransformerModel.from_pretrained on the exported folder, fed as the public DT repos are
+    ((s - mean) / std, returns-to-go / scale, actions in [-1, 1]), gives dtlab's actions once mapped onto the box."""
+    from transformers import DecisionTransformerModel
+
+    from dtlab.export import to_transformers
+
+    torch.manual_seed(0)
+    model = ALGORITHMS["DecisionTransformer"](OfflineDataModule(pendulum_id).spec, **TINY["DecisionTransformer"]).eval()
+    to_transformers(model, tmp_path / "hf")
+    hf = DecisionTransformerModel.from_pretrained(str(tmp_path / "hf")).eval()
+    cfg = hf.config
+    module, example, _, _ = exportable(model, batch=4)
+    observations, actions, returns_to_go, timesteps, mask = example
+    actions = torch.rand_like(actions) * 3 - 1.5
+    with torch.no_grad():
+        expected = module(observations, actions, returns_to_go, timesteps, mask)
+        low, high = torch.tensor(cfg.action_low), torch.tensor(cfg.action_high)
+        out = hf(
+            states=(observations - torch.tensor(cfg.state_mean)) / torch.tensor(cfg.state_std),
+            actions=2 * (actions - low) / (high - low) - 1,
+            rewards=torch.zeros_like(returns_to_go),
+            returns_to_go=returns_to_go / cfg.return_scale,
+            timesteps=timesteps,
+            attention_mask=mask,
+        )
+        got = low + (out.action_preds[:, -1] + 1) * (high - low) / 2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert cfg.env_id == "Pendulum-v1" and cfg.context_len == model.policy.context_len
