@@ -121,6 +121,9 @@ def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:
         "dtlab_dataset_id": spec.dataset_id,
         "context_len": policy.context_len,
     }
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small shard: no "Writing model shards" bar
     for key, value in extra.items():
         setattr(config, key, value)
     try:
