@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json as jsonlib
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -186,6 +185,8 @@ def evaluate(
             entry |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
         result["results"].append(entry)
     if video is not None:
+        from dtlab.envs import record_video
+
         result["video"] = str(record_video(model, video, seed))
     if json:
         print(jsonlib.dumps(result))
@@ -199,39 +200,6 @@ def evaluate(
         if video is not None:
             print(f"video of the first episode: {result['video']}")
     return result
-
-
-def record_video(model, path: str | Path, seed: int) -> Path:
-    """One greedy episode (reset with `seed`), rendered offscreen, written with imageio at the env's frame rate."""
-    try:
-        import imageio.v3 as iio
-    except ImportError as err:
-        raise UsageError("--video needs imageio (and imageio-ffmpeg for .mp4): pip install 'dtlab[video]'.") from err
-    from dtlab.envs import make_env
-
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless pygame (classic control) rendering
-    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    env = make_env(model.spec, render_mode="rgb_array")
-    agent = model.make_agent(1)
-    frames, (observation, _) = [], env.reset(seed=seed)
-    done = False
-    with torch.no_grad():
-        while not done:
-            frames.append(env.render())
-            action = agent.act(np.asarray(observation)[None])[0]
-            observation, reward, terminated, truncated, _ = env.step(action)
-            agent.observe(np.array([reward]), np.array([terminated or truncated]))
-            done = terminated or truncated
-    fps = env.metadata.get("render_fps", 30)
-    env.close()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".mp4":  # frames as rendered (no resizing to the codec's 16-pixel blocks)
-        iio.imwrite(path, np.stack(frames), fps=fps, macro_block_size=1)
-    else:
-        iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
-    return path
 
 
 def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None) -> None:
@@ -266,7 +234,7 @@ def _run_dir(checkpoint: str) -> Path | None:
     return path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else None
 
 
-def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0) -> None:
+def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0, video: bool = False) -> None:
     """Write a trained model as a folder: model.safetensors (tensors only), config.json (algorithm, hyperparameters,
     spaces, observation statistics, references, env and dataset ids) and a model card (README.md), plus the run's
     plots and config. `dtlab evaluate OUT`, `dtlab.from_pretrained(OUT)` and `dtlab push` read it.
@@ -278,6 +246,7 @@ def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: 
         out: the folder to write.
         eval_episodes: evaluate over this many episodes first and put the result in the card (0: no evaluation).
         seed: episode i of the evaluation is reset with seed + i.
+        video: add replay.mp4, one greedy episode rendered offscreen (needs `pip install 'dtlab[video]'`).
     """
     from dtlab.hub import evaluate_for_card, load_model, save_pretrained
 
@@ -285,11 +254,13 @@ def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: 
         raise UsageError("save needs --out FOLDER, the model folder to write.")
     model = load_model(checkpoint)
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
-    path = save_pretrained(model, out, evaluation, _run_dir(checkpoint))
+    path = save_pretrained(model, out, evaluation, _run_dir(checkpoint), video=video)
     print(f"{path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
 
 
-def push(checkpoint: str, repo_id: str | None = None, private: bool = False, eval_episodes: int = 10, seed: int = 0, token: str | None = None) -> None:
+def push(
+    checkpoint: str, repo_id: str | None = None, private: bool = False, eval_episodes: int = 10, seed: int = 0, token: str | None = None, video: bool = False
+) -> None:
     """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
     model-index. The token comes from --token, HF_TOKEN or `hf auth login`.
 
@@ -302,6 +273,7 @@ def push(checkpoint: str, repo_id: str | None = None, private: bool = False, eva
         eval_episodes: evaluate over this many episodes before uploading, for the card (0: no evaluation).
         seed: episode i of the evaluation is reset with seed + i.
         token: a HuggingFace token with write access (default: the logged-in one).
+        video: add replay.mp4, one greedy episode rendered offscreen, to the card (needs `pip install 'dtlab[video]'`).
     """
     from dtlab.hub import evaluate_for_card, load_model, push_to_hub
 
@@ -309,7 +281,7 @@ def push(checkpoint: str, repo_id: str | None = None, private: bool = False, eva
         raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
     model = load_model(checkpoint)
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
-    url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint))
+    url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video)
     score = ""
     if evaluation is not None:
         score = f" (evaluated: return {evaluation['return_mean']:.1f}" + (

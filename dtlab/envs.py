@@ -8,8 +8,10 @@ context and returns-to-go between calls. One rollout loop then serves every algo
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import gymnasium as gym
@@ -113,3 +115,49 @@ def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int], on_episod
         if newly and on_episode_end is not None:
             on_episode_end(newly)
     return returns, lengths
+
+
+def _follow_the_body(env: gym.Env) -> None:
+    """MuJoCo locomotion models define a "track" camera that follows the body; gymnasium renders from a fixed free
+    camera unless asked, and a running agent leaves the frame. Use it where the model has one."""
+    renderer = getattr(env.unwrapped, "mujoco_renderer", None)
+    if renderer is None:
+        return
+    import mujoco
+
+    camera = mujoco.mj_name2id(env.unwrapped.model, mujoco.mjtObj.mjOBJ_CAMERA, "track")
+    if camera >= 0:
+        renderer.camera_id, renderer.camera_name = camera, None
+
+
+def record_video(model, path: str | Path, seed: int) -> Path:  # model: an OfflineRLModule (make_agent, spec)
+    """One greedy episode (reset with `seed`), rendered offscreen, written with imageio at the env's frame rate."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as err:
+        raise DatasetError("Recording a video needs imageio (and imageio-ffmpeg for .mp4): pip install 'dtlab[video]'.") from err
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless pygame (classic control) rendering
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    env = make_env(model.spec, render_mode="rgb_array")
+    _follow_the_body(env)
+    agent = model.make_agent(1)
+    frames, (observation, _) = [], env.reset(seed=seed)
+    done = False
+    with torch.no_grad():
+        while not done:
+            frames.append(env.render())
+            action = agent.act(np.asarray(observation)[None])[0]
+            observation, reward, terminated, truncated, _ = env.step(action)
+            agent.observe(np.array([reward]), np.array([terminated or truncated]))
+            done = terminated or truncated
+    fps = env.metadata.get("render_fps", 30)
+    env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".mp4":  # frames as rendered (no resizing to the codec's 16-pixel blocks)
+        iio.imwrite(path, np.stack(frames), fps=fps, macro_block_size=1)
+    else:
+        iio.imwrite(path, np.stack(frames), duration=1000 / fps, loop=0)
+    return path

@@ -73,10 +73,15 @@ def evaluate_for_card(model: OfflineRLModule, episodes: int, seed: int = 0) -> d
 
 
 def save_pretrained(
-    model: OfflineRLModule, directory: str | Path, evaluation: dict[str, Any] | None = None, run_dir: str | Path | None = None, repo_id: str | None = None
+    model: OfflineRLModule,
+    directory: str | Path,
+    evaluation: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    repo_id: str | None = None,
+    video: bool = False,
 ) -> Path:
     """Write the model folder (see the module's docstring); `run_dir` (runs/<name>/version_N) adds its plots and
-    config; `repo_id` names the model in the card."""
+    config; `repo_id` names the model in the card; `video` adds `replay.mp4`, one greedy episode rendered offscreen."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
@@ -87,6 +92,11 @@ def save_pretrained(
         if (Path(run_dir) / name).is_file():
             shutil.copyfile(Path(run_dir) / name, directory / name)
             copied.append(name)
+    if video:
+        from dtlab.envs import record_video
+
+        record_video(model, directory / "replay.mp4", seed=0)
+        copied.append("replay.mp4")
     model_card(model, config, copied, repo_id).save(directory / CARD)
     return directory
 
@@ -146,13 +156,14 @@ def push_to_hub(
     evaluation: dict[str, Any] | None = None,
     run_dir: str | Path | None = None,
     commit_message: str = "Upload dtlab model",
+    video: bool = False,
 ) -> str:
     """save_pretrained into a temporary folder and upload it as one commit (token: HF_TOKEN or `hf auth login`)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="dtlab-push-") as tmp:
-        save_pretrained(model, tmp, evaluation, run_dir, repo_id)
+        save_pretrained(model, tmp, evaluation, run_dir, repo_id, video)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return commit.commit_url
@@ -174,13 +185,17 @@ CARD_TEMPLATE = """---
 | --- | --- | --- |
 | {{ evaluation.episodes }}{% if evaluation.target_return is defined %} (target return {{ evaluation.target_return }}){% endif %} | {{ "%.1f"|format(evaluation.return_mean) }} ± {{ "%.1f"|format(evaluation.return_std) }} | {% if evaluation.normalized_score_mean is defined %}{{ "%.1f"|format(evaluation.normalized_score_mean) }} ± {{ "%.1f"|format(evaluation.normalized_score_std) }}{% else %}n/a (the data has no reference returns){% endif %} |
 
-Greedy actions, episode i reset with seed {{ evaluation.seed }} + i. Normalised score: 0 = random policy ({{ ref_min }}), 100 = expert ({{ ref_max }}).
+Greedy actions, episode i reset with seed {{ evaluation.seed }} + i. {% if ref_min is not none %}Normalised score: 100 · (R − R_random) / (R_expert − R_random), with the dataset's reference returns R_random = {{ "%.1f"|format(ref_min) }} and R_expert = {{ "%.1f"|format(ref_max) }}.{% endif %}
 {%- else -%}
 Not evaluated at upload (`dtlab push --eval_episodes N` adds an evaluation).
 {%- endif %}
 {% for image in images %}
 ![{{ image }}]({{ image }})
-{% endfor %}
+{% endfor %}{% if video %}
+<video src="replay.mp4" controls width="400"></video>
+
+One greedy episode (reset seed 0), rendered offscreen.
+{% endif %}
 ## Use
 
 ```python
@@ -257,6 +272,7 @@ def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str],
         ref_min=spec.ref_min_score,
         ref_max=spec.ref_max_score,
         images=[f for f in files if f.endswith(".png")],
+        video="replay.mp4" in files,
         repo_id=repo_id or "<user>/<repo>",
         stateless=getattr(model, "eval_targets", None) is None,
         trained_with_config="config.yaml" in files,
