@@ -100,3 +100,43 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
 
     with pytest.raises(DatasetError, match="does not match.*same environment"):
         OfflineDataModule(f"{pendulum_id}+{cartpole_id}").setup()
+
+
+def test_checked_actions_refuses_what_leaves_the_space_and_names_the_first() -> None:
+    from types import SimpleNamespace
+
+    from dtlab.data.module import checked_actions
+    from dtlab.spec import DatasetError
+
+    box = SimpleNamespace(dataset_id="unit/box", discrete=False, action_dim=2, action_low=[-1.0, 0.0], action_high=[1.0, 3.0])
+    columns = {"episode_ids": np.array([0, 0, 1, 1]), "timesteps": np.array([0, 1, 0, 1])}
+    inside = np.array([[-1.0, 0.0], [1.0, 3.0], [1.0 + 1e-6, 3.0 + 2e-5], [0.0, 1.5]], dtype=np.float32)  # within 1e-5 of the range
+    assert checked_actions(columns | {"actions": inside}, box, clip=False) is inside
+    outside = inside.copy()
+    outside[1] = [1.5, 1.0]  # the first bad row (episode 0, step 1) ...
+    outside[3] = [0.0, -0.01]  # ... and a second, below a low bound of 0
+    with pytest.raises(DatasetError) as info:
+        checked_actions(columns | {"actions": outside}, box, clip=False)
+    message = str(info.value)
+    assert message.startswith(
+        "Dataset 'unit/box': 2 actions lie outside the action space [[-1.0, 0.0], [1.0, 3.0]]; the first is [1.5, 1.0] in episode 0, step 1."
+    )
+    assert message.endswith("Fix the data, or pass --data.clip_actions true to clip them into the box.")
+    np.testing.assert_array_equal(checked_actions(columns | {"actions": outside}, box, clip=True)[[1, 3]], [[1.0, 1.0], [0.0, 0.0]])
+
+    discrete = SimpleNamespace(dataset_id="unit/discrete", discrete=True, action_dim=3)
+    for bad in ([0, 1, -1, 2], [0, 3, 1, 2]):
+        with pytest.raises(DatasetError, match=r"1 actions lie outside the action space \{0, ..., 2\}.*Fix the data\.$"):
+            checked_actions(columns | {"actions": np.array(bad)}, discrete, clip=True)  # no clipping of discrete actions
+
+
+def test_datamodule_defaults_and_the_smallest_valid_sizes(pendulum_id) -> None:
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(OfflineDataModule.__init__).parameters.items() if n != "self"}
+    assert defaults == {"dataset_id": "pendulum/mixed-v0", "batch_size": 256, "steps_per_epoch": 1000, "seed": 0, "in_memory": True, "clip_actions": False}
+    dm = OfflineDataModule(pendulum_id, batch_size=1, steps_per_epoch=1)
+    assert dm.batch_size == 1 and dm.steps_per_epoch == 1
+    for bad in ({"batch_size": 0}, {"steps_per_epoch": 0}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            OfflineDataModule(pendulum_id, **bad)

@@ -123,7 +123,7 @@ def run_agents(model: DecisionTransformer, steps: int, dones_at: dict[int, list[
     return gap
 
 
-@pytest.mark.parametrize("cache_keep", [None, K - 1, 0])
+@pytest.mark.parametrize("cache_keep", [None, K - 1, 1, 0])
 def test_kv_cache_matches_reencoding(pendulum: OfflineDataModule, cache_keep: int | None) -> None:
     model = tiny(pendulum.spec, cache_keep=cache_keep)
     assert run_agents(model, K - 2, {}) < 1e-5  # shorter than the context
@@ -239,7 +239,9 @@ def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
     model = cli.model
     assert model.batch_format == BatchFormat("windows", context_len=4)
     metrics = cli.trainer.callback_metrics
-    assert len(model.eval_targets) == 4 and model.eval_targets[0] == pytest.approx(model.spec.ref_max_score)
+    top, low = model.spec.ref_max_score, model.spec.return_min
+    # the expert reference first, then the data's worst return and two evenly between it and the reference
+    assert model.eval_targets == pytest.approx([top, low, low + (top - low) / 3, low + 2 * (top - low) / 3])
     for target in model.eval_targets:
         assert f"eval/normalized_score/target_{target:g}" in metrics
     assert float(metrics["eval/normalized_score"]) == float(metrics[f"eval/normalized_score/target_{model.eval_targets[0]:g}"])
