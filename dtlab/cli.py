@@ -99,6 +99,13 @@ class DTLabCLI(LightningCLI):
             "(runs/<algorithm>/version_N, runs/tensorboard/...).",
         )
         parser.add_argument(
+            "--pretrained",
+            type=str | None,
+            default=None,
+            help="Warm-start from a model folder or Hub repo id of the same algorithm, sizes and spaces (dtlab save / push): "
+            "fine-tune it on this config's data.",
+        )
+        parser.add_argument(
             "--torch_threads",
             type=int,
             default=1,
@@ -126,6 +133,12 @@ class DTLabCLI(LightningCLI):
             self.trainer_defaults["callbacks"] = [cb for cb in self.trainer_defaults["callbacks"] if not isinstance(cb, TQDMProgressBar)]
         if trainer.max_steps is not None and trainer.max_steps > 0:  # updates decide: epochs follow (the bar says "Epoch k/K" right)
             trainer.max_epochs = -(-trainer.max_steps // config.data.steps_per_epoch)
+
+    def before_fit(self) -> None:
+        if self.config.fit.pretrained:
+            from dtlab.hub import warm_start
+
+            warm_start(self.model, self.config.fit.pretrained)
 
     @staticmethod
     def resume_last(loggers: list[Any]) -> str:

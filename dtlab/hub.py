@@ -125,7 +125,7 @@ def from_pretrained(
         raise CheckpointError(f"{config_path} names algorithm {name!r}; dtlab knows {', '.join(ALGORITHMS)}.")
     cls = ALGORITHMS[name]
     if expected is not None and expected is not OfflineRLModule and not issubclass(cls, expected):
-        raise CheckpointError(f"{config_path}: the folder holds a {name} model, not a {expected.__name__}; load it with dtlab.from_pretrained.")
+        raise CheckpointError(f"{config_path}: the folder holds a {name} model, not {expected.__name__}; load it with dtlab.from_pretrained.")
     model = cls(**hyperparameters)
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
@@ -146,6 +146,20 @@ def load_model(source: str | Path) -> OfflineRLModule:
     from dtlab.checkpoints import load_checkpoint
 
     return load_checkpoint(source).eval() if Path(source).is_file() else from_pretrained(source)
+
+
+def warm_start(model: OfflineRLModule, source: str | Path) -> None:
+    """Start `model` from a saved or pushed model of the same algorithm, sizes and spaces: every tensor is copied,
+    the observation statistics included (the networks were trained on inputs standardised by them)."""
+    pretrained = from_pretrained(source, expected=type(model))
+    pretrained.spec.check_compatible(model.spec, f"Pretrained model {source}")
+    try:
+        model.load_state_dict(pretrained.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"Pretrained model {source} has other network sizes than this {type(model).__name__}: "
+            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}. Use its hyperparameters (its config.json)."
+        ) from None
 
 
 def push_to_hub(

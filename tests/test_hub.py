@@ -75,7 +75,7 @@ def test_a_bad_model_folder_is_named_with_what_is_wrong(pendulum_id, tmp_path):
     models = tiny_models(pendulum_id)
     folder = save_pretrained(models["TD3BC"], tmp_path / "td3bc")
     assert isinstance(TD3BC.from_pretrained(folder), TD3BC)
-    with pytest.raises(CheckpointError, match="holds a TD3BC model, not a IQL"):
+    with pytest.raises(CheckpointError, match="holds a TD3BC model, not IQL"):
         IQL.from_pretrained(folder)
 
     config = json.loads((folder / "config.json").read_text())
@@ -115,3 +115,19 @@ def test_a_pickle_posing_as_weights_runs_nothing(pendulum_id, tmp_path):
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         from_pretrained(folder)
     assert not marker.exists()
+
+
+def test_fit_warm_starts_from_a_saved_model(pendulum_id, tmp_path):
+    from dtlab.cli import run_cli
+
+    saved = tiny_models(pendulum_id)["TD3BC"]
+    save_pretrained(saved, tmp_path / "td3bc")
+    base = ["fit", "-c", "conf/td3bc.yaml", "--data.dataset_id", pendulum_id, "--trainer.max_epochs", "0", "--runs_dir", str(tmp_path / "runs")]
+    tiny = ["--model.init_args.actor_hidden_dims", "[16, 16]", "--model.init_args.critic_hidden_dims", "[16, 16]"]
+    cli = run_cli([*base, *tiny, "--pretrained", str(tmp_path / "td3bc")])
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(cli.model.state_dict()[name], tensor, msg=name)
+    with pytest.raises(CheckpointError, match="other network sizes"):
+        run_cli([*base, "--pretrained", str(tmp_path / "td3bc")])  # the config's 256-wide networks
+    with pytest.raises(CheckpointError, match="holds a TD3BC model, not IQL"):
+        run_cli(["fit", "-c", "conf/iql.yaml", *base[3:], "--pretrained", str(tmp_path / "td3bc")])
