@@ -33,13 +33,6 @@ def test_every_config_validates(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
-def test_unknown_keys_and_bad_values_are_refused(capsys):
-    for bad in (["--model.init_args.no_such_option", "1"], ["--data.batch_size", "many"]):
-        with pytest.raises(SystemExit) as info:
-            run_cli(["fit", "-c", "conf/bc.yaml", *bad, "--print_config"])
-        assert info.value.code != 0
-
-
 def read_metrics(log_dir: Path) -> list[dict[str, str]]:
     with open(next(log_dir.rglob("metrics.csv"))) as f:
         return list(csv.DictReader(f))

@@ -203,12 +203,7 @@ def test_rtg_bookkeeping_in_rollout(pendulum: OfflineDataModule, same_step: bool
         assert agent.length.tolist() == [1, 0]  # env 0: only the new episode's step; env 1: just ended
 
 
-def test_config_validates_and_runs(pendulum_id: str, tmp_path) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(["fit", "-c", "conf/dt.yaml", "--print_config"])
-    assert exit_.value.code in (0, None)
-    with pytest.raises(SystemExit):  # the parser really checks the model's arguments
-        run_cli(["fit", "-c", "conf/dt.yaml", "--model.init_args.context_length", "3", "--print_config"])
+def test_config_runs_and_scores_every_target(pendulum_id: str, tmp_path) -> None:
     cli = run_cli(
         [
             "fit",

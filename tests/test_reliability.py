@@ -153,7 +153,16 @@ def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 
-@pytest.mark.parametrize("bad", [["--data.batch_size", "-5"], ["--data.steps_per_epoch", "0"], ["--evaluation.episodes", "-1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--data.batch_size", "-5"],
+        ["--data.steps_per_epoch", "0"],
+        ["--evaluation.episodes", "-1"],
+        ["--data.batch_size", "many"],
+        ["--model.init_args.no_such_option", "1"],
+    ],
+)
 def test_impossible_config_values_are_refused_at_parse_time(bad, capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), *bad, "--print_config"])
