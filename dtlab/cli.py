@@ -184,6 +184,7 @@ commands:
   save           write a model folder: model.safetensors, config.json, a model card, the run's plots
   push           upload a model with its card to the HuggingFace Hub (evaluate accepts the repo id)
   export         write a policy as ONNX or TorchScript, normalisation and action scaling inside
+  push-dataset   upload a trajectory dataset with its card to the Hub (then --data.dataset_id hf:USER/NAME)
 
 Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,
 no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,

@@ -328,4 +328,33 @@ def export(checkpoint: str, out: str | None = None, format: str = "onnx") -> Non
     print(f"{path}: {type(model).__name__} policy as {format}")
 
 
-COMMANDS: dict[str, Callable] = {"make-dataset": make_dataset, "evaluate": evaluate, "plot": plot, "save": save, "push": push, "export": export}
+def push_dataset(dataset_id: str, repo_id: str | None = None, private: bool = False, token: str | None = None) -> None:
+    """Upload a trajectory dataset (converted from Minari, or a mixture) to the HuggingFace Hub as parquet with its spec
+    and a dataset card; train on it anywhere with `--data.dataset_id hf:USER/NAME` (no Minari download, no env needed
+    to load it).
+
+        dtlab push-dataset halfcheetah/medium-v0 --repo_id you/halfcheetah-medium-v0
+
+    Args:
+        dataset_id: a Minari dataset id (or a mixture a+b).
+        repo_id: the Hub dataset repo, user/name (created if it does not exist).
+        private: create the repo private.
+        token: a HuggingFace token with write access (default: the logged-in one).
+    """
+    from dtlab.data.convert import push_dataset as push
+
+    if repo_id is None or repo_id.count("/") != 1:
+        raise UsageError(f"push-dataset needs --repo_id USER/NAME (got {repo_id}).")
+    url = push(dataset_id, repo_id, private=private, token=token)
+    print(f"pushed {dataset_id} to {repo_id} (train on it with --data.dataset_id hf:{repo_id}): {url}")
+
+
+COMMANDS: dict[str, Callable] = {
+    "make-dataset": make_dataset,
+    "evaluate": evaluate,
+    "plot": plot,
+    "save": save,
+    "push": push,
+    "export": export,
+    "push-dataset": push_dataset,
+}

@@ -1,8 +1,8 @@
 """A small HuggingFace-Hub-compatible server on 127.0.0.1 for tests: model repos in memory.
 
-It answers what `huggingface_hub` calls to create a repo, upload a folder as one commit (preupload, then an
-NDJSON commit with base64 files), read repo info and its file tree, and download files
-(HEAD/GET .../resolve/<rev>/<path>).
+It answers what `huggingface_hub` and `datasets` call to create a model or dataset repo, upload files as one commit
+(preupload; parquet and safetensors through the git-LFS batch API and a PUT, the rest base64 in the NDJSON commit),
+read repo info and its file tree, and download files (HEAD/GET .../resolve/<rev>/<path>).
 Point a process at it with HF_ENDPOINT=<server.url> and HF_HUB_DISABLE_XET=1, set before huggingface_hub is
 imported (it reads both at import), so clients run in subprocesses.
 """
@@ -17,10 +17,16 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def key(kind: str, repo: str) -> str:
+    """Model repos are stored under their id, others as "<kind>:<id>" (e.g. "datasets:user/name")."""
+    return repo if kind == "models" else f"{kind}:{repo}"
+
+
 class HubServer:
     def __init__(self) -> None:
-        self.repos: dict[str, dict[str, bytes]] = {}
+        self.repos: dict[str, dict[str, bytes]] = {}  # key(kind, repo id) -> path -> content
         self.commits: dict[str, str] = {}
+        self.lfs: dict[str, bytes] = {}  # sha256 -> content of git-LFS uploads (parquet shards, safetensors)
         self.private: dict[str, bool] = {}
         self.requests: list[str] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -65,50 +71,91 @@ class HubServer:
                 data = self.body()
                 if self.path == "/api/repos/create":
                     request = json.loads(data)
-                    repo = f"{request.get('organization') or 'user'}/{request['name']}"
-                    server.repos.setdefault(repo, {})
+                    repo_id = f"{request.get('organization') or 'user'}/{request['name']}"
+                    kind = request.get("type") or "model"
+                    repo = key(f"{kind}s", repo_id)
+                    if repo not in server.repos:  # a new repo starts with one empty commit
+                        server.repos[repo], server.commits[repo] = {}, hashlib.sha1(repo.encode()).hexdigest()
                     server.private[repo] = bool(request.get("private"))
-                    return self.reply(200, {"url": f"{server.url}/{repo}", "name": repo})
+                    url = f"{server.url}/{repo_id}" if kind == "model" else f"{server.url}/{kind}s/{repo_id}"
+                    return self.reply(200, {"url": url, "name": repo_id})
+                lfs = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", self.path)
+                if lfs:  # git-LFS batch API: every object is uploaded with one PUT to this server
+                    objects = json.loads(data)["objects"]
+                    actions = [{**o, "actions": {"upload": {"href": f"{server.url}/lfs-upload/{o['oid']}"}}} for o in objects if o["oid"] not in server.lfs]
+                    return self.reply(
+                        200,
+                        {"transfer": "basic", "objects": actions + [o for o in objects if o["oid"] in server.lfs]},
+                        {"Content-Type": "application/vnd.git-lfs+json"},
+                    )
                 if self.path == "/api/validate-yaml":
                     return self.reply(200, {"errors": [], "warnings": []})
-                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)(\?.*)?", self.path)
-                if match is None or match.group(1) not in server.repos:
+                match = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)(\?.*)?", self.path)
+                repo = None if match is None else key(match.group(1), match.group(2))
+                if repo not in server.repos:
+                    server.requests.append(f"unanswered POST {self.path}")
                     return self.reply(404, {"error": f"unknown route or repo: {self.path}"})
-                repo, action = match.group(1), match.group(2)
+                action = match.group(3)
                 if action == "preupload":
                     files = json.loads(data)["files"]
-                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    mode = {f["path"]: "lfs" if f["path"].endswith((".parquet", ".safetensors")) else "regular" for f in files}
+                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": mode[f["path"]], "shouldIgnore": False} for f in files]})
                 for line in data.decode().splitlines():
                     op = json.loads(line)
                     if op["key"] == "file":
                         server.repos[repo][op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                    elif op["key"] == "lfsFile":
+                        server.repos[repo][op["value"]["path"]] = server.lfs[op["value"]["oid"]]
                 sha = hashlib.sha1(repr(sorted(server.repos[repo].items())).encode()).hexdigest()
                 server.commits[repo] = sha
-                return self.reply(200, {"commitUrl": f"{server.url}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+                prefix = "" if match.group(1) == "models" else f"{match.group(1)}/"
+                return self.reply(200, {"commitUrl": f"{server.url}/{prefix}{match.group(2)}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 
             def get_or_head(self, head: bool) -> None:
                 server.requests.append(f"{'HEAD' if head else 'GET'} {self.path}")
                 path = self.path.split("?")[0]
-                info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/revision/[^/]+)?", path)
-                if info and info.group(1) in server.repos:
-                    repo = info.group(1)
+                info = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(/revision/[^/]+)?", path)
+                if info and key(info.group(1), info.group(2)) in server.repos:
+                    repo = key(info.group(1), info.group(2))
                     siblings = [{"rfilename": name} for name in sorted(server.repos[repo])]
                     return self.reply(
                         200, {"id": repo, "modelId": repo, "sha": server.commits.get(repo), "siblings": siblings, "private": server.private[repo]}, head=head
                     )
-                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)
-                if tree and tree.group(1) in server.repos:
-                    entries = [
-                        {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
-                        for name, content in sorted(server.repos[tree.group(1)].items())
-                    ]
+                tree = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path)
+                if tree and key(tree.group(1), tree.group(2)) in server.repos:
+                    files = server.repos[key(tree.group(1), tree.group(2))]
+                    prefix = (tree.group(4) or "").strip("/")
+                    recursive = "recursive=true" in self.path.lower()
+                    under = {n: c for n, c in files.items() if not prefix or n.startswith(prefix + "/")}
+                    if prefix and not under:
+                        return self.reply(404, {"error": f"no {prefix}"}, {"X-Error-Code": "EntryNotFound"}, head=head)
+                    entries, folders = [], set()
+                    for name, content in sorted(under.items()):
+                        rest = name[len(prefix) + 1 :] if prefix else name
+                        if "/" in rest and not recursive:
+                            folders.add((f"{prefix}/" if prefix else "") + rest.split("/")[0])
+                            continue
+                        entries.append({"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()})
+                    entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
                     return self.reply(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, head=head)
-                resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if resolve and resolve.group(1) in server.repos and resolve.group(3) in server.repos[resolve.group(1)]:
-                    repo, content = resolve.group(1), server.repos[resolve.group(1)][resolve.group(3)]
+                resolve = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                repo = None if resolve is None else key("datasets" if resolve.group(1) else "models", resolve.group(2))
+                if repo in server.repos and resolve.group(4) in server.repos[repo]:
+                    content = server.repos[repo][resolve.group(4)]
                     headers = {"ETag": f'"{hashlib.sha256(content).hexdigest()}"', "X-Repo-Commit": server.commits[repo]}
                     return self.reply(200, content, headers, head=head)
-                return self.reply(404, {"error": f"not found: {self.path}"}, {"X-Error-Code": "EntryNotFound"}, head=head)
+                server.requests.append(f"unanswered {'HEAD' if head else 'GET'} {self.path}")
+                code = "RepoNotFound" if path.startswith("/api/") else "EntryNotFound"  # clients create a repo after RepoNotFound
+                return self.reply(404, {"error": f"not found: {self.path}"}, {"X-Error-Code": code}, head=head)
+
+            def do_PUT(self) -> None:
+                server.requests.append(f"PUT {self.path}")
+                upload = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", self.path)
+                data = self.body()
+                if upload is None or hashlib.sha256(data).hexdigest() != upload.group(1):
+                    return self.reply(400, {"error": "bad LFS upload"})
+                server.lfs[upload.group(1)] = data
+                return self.reply(200, {})
 
             def do_GET(self) -> None:
                 self.get_or_head(head=False)

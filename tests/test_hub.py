@@ -131,3 +131,25 @@ def test_fit_warm_starts_from_a_saved_model(pendulum_id, tmp_path):
         run_cli([*base, "--pretrained", str(tmp_path / "td3bc")])  # the config's 256-wide networks
     with pytest.raises(CheckpointError, match="holds a TD3BC model, not IQL"):
         run_cli(["fit", "-c", "conf/iql.yaml", *base[3:], "--pretrained", str(tmp_path / "td3bc")])
+
+
+def test_a_dataset_pushes_to_the_hub_and_trains_from_its_id(pendulum_id):
+    with HubServer() as hub:
+        pushed = run(f"from dtlab.cli import main; main(['push-dataset', {pendulum_id!r}, '--repo_id', 'user/pendulum'])", hub.env())
+        assert "pushed test/pendulum-v0 to user/pendulum" in pushed
+        files = hub.repos["datasets:user/pendulum"]
+        assert "dtlab_spec.json" in files and any(f.startswith("data/") and f.endswith(".parquet") for f in files), sorted(files)
+        from huggingface_hub import DatasetCard
+
+        card = DatasetCard(files["README.md"].decode())
+        assert "offline-rl" in card.data.tags and "Pendulum-v1" in card.data.tags
+        assert "| 30 | 6000 |" in card.text  # episodes, transitions
+        load = (
+            "import json; from dtlab.data.module import OfflineDataModule; dm = OfflineDataModule('hf:user/pendulum'); "
+            "t = dm.transitions; print(json.dumps({'spec': dm.spec, 'obs': t.columns['observations'][:50].tolist(), 'n': len(t)}))"
+        )
+        loaded = json.loads(run(load, hub.env()).strip().splitlines()[-1])
+    local = OfflineDataModule(pendulum_id)
+    assert loaded["n"] == len(local.transitions) == 6000
+    np.testing.assert_array_equal(np.array(loaded["obs"], dtype=np.float32), local.transitions.columns["observations"][:50].numpy())
+    assert loaded["spec"] == {**local.spec, "dataset_id": "hf:user/pendulum"}

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -267,8 +268,13 @@ def _check_cache_dir(root: Path, dataset_id: str) -> None:
         )
 
 
+HUB_PREFIX = "hf:"  # --data.dataset_id hf:user/name: a dataset pushed with `dtlab push-dataset`
+
+
 def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
     """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use."""
+    if dataset_id.startswith(HUB_PREFIX):
+        return load_from_hub(dataset_id.removeprefix(HUB_PREFIX))
     ds = load_minari(dataset_id)
     fp = fingerprint(dataset_id)
     final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
@@ -296,6 +302,77 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
             shutil.rmtree(partial, ignore_errors=True)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
     return datasets.load_from_disk(str(final)), spec
+
+
+def load_from_hub(repo_id: str, revision: str | None = None) -> tuple[datasets.Dataset, DatasetSpec]:
+    """A trajectory dataset from a Hub dataset repo written by `push_dataset`: its parquet shards (read with
+    `datasets`, cached by huggingface_hub) and its spec (dtlab_spec.json). Needs no Minari and no env package."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=["data/*", SPEC_FILE]))
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise DatasetError(f"Dataset '{HUB_PREFIX}{repo_id}' could not be downloaded from the Hub: {type(err).__name__}: {err}".splitlines()[0]) from None
+    shards = sorted(str(p) for p in folder.glob("data/*.parquet"))
+    if not (folder / SPEC_FILE).is_file() or not shards:
+        raise DatasetError(
+            f"Hub dataset '{repo_id}' is not a dtlab trajectory dataset (it needs {SPEC_FILE} and data/*.parquet); push one with `dtlab push-dataset`."
+        )
+    spec = DatasetSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    with _no_progress_bars():
+        hf = datasets.Dataset.from_parquet(shards)
+    return hf, dataclasses.replace(spec, dataset_id=f"{HUB_PREFIX}{repo_id}")
+
+
+DATASET_CARD = """---
+{{ card_data }}
+---
+
+# {{ dataset_id }}: offline RL trajectories for {{ env_id }}
+
+Converted by dtlab from the Minari dataset `{{ dataset_id }}`: one row per transition (`observations`, `actions`,
+`rewards`, `next_observations`, `terminals` = terminations, `timeouts` = truncations, `returns_to_go`,
+`timesteps`, `episode_ids`). `dtlab_spec.json` holds the spaces, observation statistics and reference returns.
+
+| episodes | transitions | return (min / mean / max) | reference returns (random / expert) |
+| --- | --- | --- | --- |
+| {{ episodes }} | {{ transitions }} | {{ "%.1f"|format(return_min) }} / {{ "%.1f"|format(return_mean) }} / {{ "%.1f"|format(return_max) }} | {{ ref_min }} / {{ ref_max }} |
+
+Train on it with `dtlab fit -c conf/iql.yaml --data.dataset_id hf:{{ repo_id }}`.
+"""
+
+
+def push_dataset(dataset_id: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Push a converted trajectory dataset with datasets' `push_to_hub`, then its spec and a dataset card (env,
+    episodes, transitions, return range, reference returns). Returns the repo's URL."""
+    from huggingface_hub import DatasetCard, DatasetCardData, HfApi
+
+    hf, spec = load_trajectories(dataset_id)
+    with _no_progress_bars():
+        hf.push_to_hub(repo_id, private=private, token=token, commit_message=f"dtlab trajectories of {dataset_id}")
+    env_id = (spec.env_spec or {}).get("id", "unknown")
+    refs = [None if r is None else f"{r:.1f}" for r in (spec.ref_min_score, spec.ref_max_score)]
+    card = DatasetCard.from_template(
+        DatasetCardData(tags=["offline-rl", "dtlab", "reinforcement-learning", env_id], pretty_name=f"{dataset_id} (dtlab)"),
+        template_str=DATASET_CARD,
+        dataset_id=dataset_id,
+        env_id=env_id,
+        episodes=spec.num_episodes,
+        transitions=spec.num_transitions,
+        return_min=spec.return_min,
+        return_mean=spec.return_mean,
+        return_max=spec.return_max,
+        ref_min=refs[0],
+        ref_max=refs[1],
+        repo_id=repo_id,
+    )
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="dtlab-dataset-") as tmp:
+        (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+        card.save(Path(tmp) / "README.md")
+        commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=tmp, commit_message="dtlab spec and dataset card")
+    return commit.commit_url
 
 
 MIX_SEPARATOR = "+"
