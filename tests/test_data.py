@@ -140,3 +140,18 @@ def test_datamodule_defaults_and_the_smallest_valid_sizes(pendulum_id) -> None:
     for bad in ({"batch_size": 0}, {"steps_per_epoch": 0}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             OfflineDataModule(pendulum_id, **bad)
+
+
+def test_multi_dimensional_actions_keep_their_shape(tmp_path) -> None:
+    """Reacher-v5 (MuJoCo): 2-D actions and 10-D observations survive conversion row for row."""
+    import gymnasium as gym
+
+    from dtlab.data.recording import PolicyAgent, random_policy, record_dataset
+
+    env = gym.make("Reacher-v5")
+    env.action_space.seed(0)
+    minari_ds = record_dataset("unit/reacher-v0", "Reacher-v5", lambda i: PolicyAgent(random_policy(env)), 2, reference_episodes=1)
+    t = OfflineDataModule("unit/reacher-v0").transitions
+    actions = np.concatenate([ep.actions for ep in minari_ds.iterate_episodes()])
+    assert t.columns["actions"].shape == (100, 2) and t.columns["observations"].shape == (100, 10)
+    np.testing.assert_array_equal(t.columns["actions"].numpy(), actions.astype(np.float32))

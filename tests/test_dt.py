@@ -318,3 +318,28 @@ def test_return_conditioning_on_the_embedded_mix_rises_with_the_target() -> None
     achieved = evaluate_returns(model, list(range(10)), targets.tolist()).mean(1)
     slope = np.polyfit(targets, achieved, 1)[0]
     assert slope > 0.05, f"achieved {achieved.round()} for targets {targets}: slope {slope:.2f}"
+
+
+def test_default_targets_the_expert_then_the_data_range() -> None:
+    from types import SimpleNamespace
+
+    from dtlab.algos.dt import default_targets
+
+    spec = SimpleNamespace(ref_max_score=-100.0, return_max=-150.0, return_min=-1000.0)
+    assert default_targets(spec) == pytest.approx([-100.0, -1000.0, -700.0, -400.0])
+    assert default_targets(SimpleNamespace(ref_max_score=None, return_max=50.0, return_min=-10.0)) == pytest.approx([50.0, -10.0, 10.0, 30.0])
+
+
+def test_head_cache_and_weight_decay_follow_the_recipe(pendulum: OfflineDataModule) -> None:
+    model = DecisionTransformer(pendulum.spec, context_len=20, embed_dim=16, n_layer=1, n_head=1)
+    assert model.policy.model.config.action_tanh, "continuous actions: a tanh head, scaled to the box"
+    assert model.policy.cache_keep == 10, "cache_keep None: K // 2"
+    optimizer = model.configure_optimizers()["optimizer"]
+    decay, no_decay = ({id(p) for p in g["params"]} for g in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == model.hparams.weight_decay and optimizer.param_groups[1]["weight_decay"] == 0.0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:  # DT's unused heads (state, return) are frozen: in no group
+            assert id(p) not in decay | no_decay, name
+            continue
+        matrix = name.endswith("weight") and p.dim() == 2 and "wte" not in name and "wpe" not in name and "embed_timestep" not in name
+        assert (id(p) in decay) == matrix, f"{name}: weight decay only on Linear/Conv1D weight matrices"
