@@ -185,6 +185,7 @@ commands:
   push           upload a model with its card to the HuggingFace Hub (evaluate accepts the repo id)
   export         write a policy as ONNX or TorchScript, normalisation and action scaling inside
   push-dataset   upload a trajectory dataset with its card to the Hub (then --data.dataset_id hf:USER/NAME)
+  import-transformers   a transformers DecisionTransformerModel folder as a dtlab model (evaluate, fine-tune)
 
 Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,
 no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,

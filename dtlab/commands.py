@@ -349,6 +349,45 @@ def push_dataset(dataset_id: str, repo_id: str | None = None, private: bool = Fa
     print(f"pushed {dataset_id} to {repo_id} (train on it with --data.dataset_id hf:{repo_id}): {url}")
 
 
+def import_transformers(
+    folder: str,
+    out: str | None = None,
+    env_id: str | None = None,
+    state_mean: list[float] | None = None,
+    state_std: list[float] | None = None,
+    return_scale: float | None = None,
+    context_len: int | None = None,
+    target_return: list[float] | None = None,
+) -> None:
+    """Import a transformers DecisionTransformerModel folder (e.g. a public edbeeching/decision-transformer-gym-* repo,
+    downloaded) as a dtlab model folder, to evaluate (`dtlab evaluate OUT`) or fine-tune (`dtlab fit --pretrained OUT`).
+
+        dtlab import-transformers dt-hopper --out models/dt-hopper --env_id Hopper-v5 --return_scale 1000 \
+            --state_mean '[1.31, ...]' --state_std '[0.17, ...]' --target_return '[3600]'
+
+    Args:
+        folder: the transformers folder (config.json + weights).
+        out: the dtlab model folder to write.
+        env_id: the gymnasium env (default: config.json's env_id, which `dtlab export --format transformers` writes).
+        state_mean: observation mean the model was trained with (default: config.json's state_mean).
+        state_std: observation std (default: config.json's state_std).
+        return_scale: returns-to-go are divided by this (default: config.json's return_scale; 1000 for the public MuJoCo DTs).
+        context_len: the context window K (default: config.json's context_len, else 20).
+        target_return: target returns to act for (the first is the primary one).
+    """
+    from dtlab.export import from_transformers
+    from dtlab.hub import save_pretrained
+
+    if out is None:
+        raise UsageError("import-transformers needs --out FOLDER, the dtlab model folder to write.")
+    try:
+        model = from_transformers(folder, env_id, state_mean, state_std, return_scale, context_len, target_return)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    path = save_pretrained(model, out)
+    print(f"{path}: DecisionTransformer from {folder} (env {model.spec.env_spec['id']}, targets {model.eval_targets})")
+
+
 COMMANDS: dict[str, Callable] = {
     "make-dataset": make_dataset,
     "evaluate": evaluate,
@@ -357,4 +396,5 @@ COMMANDS: dict[str, Callable] = {
     "push": push,
     "export": export,
     "push-dataset": push_dataset,
+    "import-transformers": import_transformers,
 }

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -132,3 +133,77 @@ def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:
         for key in extra:
             delattr(config, key)
     return Path(directory)
+
+
+def from_transformers(
+    directory: str | Path,
+    env_id: str | None = None,
+    state_mean: list[float] | None = None,
+    state_std: list[float] | None = None,
+    return_scale: float | None = None,
+    context_len: int | None = None,
+    eval_targets: list[float] | None = None,
+) -> DecisionTransformer:
+    """A `transformers.DecisionTransformerModel` folder (the public `edbeeching/decision-transformer-gym-*` layout, or
+    one `to_transformers` wrote) as a dtlab DecisionTransformer, to evaluate or fine-tune. What the public repos keep
+    outside config.json (state mean/std, the return scale, the env) comes from the arguments where config.json lacks it;
+    the action box from config.json or the env."""
+    import gymnasium as gym
+    from transformers import DecisionTransformerModel
+
+    from dtlab.spec import DatasetSpec
+
+    hf = DecisionTransformerModel.from_pretrained(str(directory))
+    cfg = hf.config
+    env_id = env_id or getattr(cfg, "env_id", None)
+    state_mean = state_mean if state_mean is not None else getattr(cfg, "state_mean", None)
+    state_std = state_std if state_std is not None else getattr(cfg, "state_std", None)
+    return_scale = return_scale or getattr(cfg, "return_scale", None)
+    missing = [
+        name for name, value in (("env_id", env_id), ("state_mean", state_mean), ("state_std", state_std), ("return_scale", return_scale)) if value is None
+    ]
+    if missing:
+        raise ValueError(f"{directory}: config.json does not give {', '.join(missing)}; pass them (the public DT repos state them in their model card).")
+    if cfg.n_inner not in (None, 4 * cfg.hidden_size):
+        raise ValueError(f"{directory}: n_inner {cfg.n_inner} != 4 x hidden_size; dtlab's DT uses GPT-2's 4 x width MLP.")
+    env_spec = gym.spec(env_id)
+    low, high = getattr(cfg, "action_low", None), getattr(cfg, "action_high", None)
+    if low is None or high is None:
+        space = gym.make(env_id).action_space
+        low, high = space.low.tolist(), space.high.tolist()
+    targets = list(eval_targets) if eval_targets else [float(getattr(cfg, "target_return", 0.0) or 0.0)]
+    spec = DatasetSpec(
+        dataset_id=f"transformers:{Path(directory).name}",
+        observation_dim=cfg.state_dim,
+        action_dim=cfg.act_dim,
+        discrete=False,
+        action_low=[float(x) for x in low],
+        action_high=[float(x) for x in high],
+        obs_mean=[float(x) for x in state_mean],
+        obs_std=[float(x) for x in state_std],
+        num_episodes=0,
+        num_transitions=0,
+        max_episode_steps=cfg.max_ep_len,
+        return_min=min(targets),
+        return_max=max(targets),
+        return_mean=float(sum(targets) / len(targets)),
+        env_spec=json.loads(env_spec.to_json()),
+    )
+    model = DecisionTransformer(
+        spec.to_dict(),
+        context_len=context_len or getattr(cfg, "context_len", None) or 20,
+        embed_dim=cfg.hidden_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        dropout=cfg.resid_pdrop,
+        activation=cfg.activation_function,
+        rtg_scale=1.0 / return_scale,
+        max_ep_len=cfg.max_ep_len,
+        eval_targets=targets,
+    )
+    state = hf.state_dict()
+    # dtlab's GPT-2 has one position row and one token row: the DT feeds position 0 only and never a token id
+    for name in ("encoder.wpe.weight", "encoder.wte.weight"):
+        state[name] = state[name][:1]
+    model.policy.model.load_state_dict(state, strict=True)
+    return model.eval()
