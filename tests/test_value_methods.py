@@ -299,6 +299,8 @@ def test_reward_factor() -> None:
     assert reward_factor(2.0, False, -100.0, 900.0, 1000) == 2.0
     assert math.isclose(reward_factor(2.0, True, -100.0, 900.0, 1000), 2.0)  # 1000 / (900 - -100) = 1
     assert math.isclose(reward_factor(1.0, True, 0.0, 4000.0, 1000), 0.25)
+    assert math.isclose(reward_factor(1.0, True, 0.0, 0.5, 100), 200.0)  # a return range below 1 is used as it is
+    assert math.isclose(reward_factor(1.0, True, 3.0, 3.0, 100), 100 / 1e-8)  # a zero range: divided by 1e-8, not 0
 
 
 @pytest.mark.parametrize("cls", [TD3BC, IQL, CQL, CalQL])
