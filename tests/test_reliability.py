@@ -122,6 +122,13 @@ def test_full_cache_names_dtlab_cache_dir(monkeypatch):
     with pytest.raises(DatasetError, match=r"DTLAB_CACHE_DIR\) has 0 MiB free"):
         load_trajectories("unit/full-v0")
     assert not [e for e in cache_entries() if e.startswith("unit--full-v0")]
+    # the check asks for twice the raw files (the Arrow copy is about their size): 1.5x is refused, 2x is enough
+    raw = sum(p.stat().st_size for p in dataset_dir("unit/full-v0").rglob("*") if p.is_file())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 3 * raw // 2))
+    with pytest.raises(DatasetError, match="MiB free"):
+        load_trajectories("unit/full-v0")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 2 * raw))
+    assert load_trajectories("unit/full-v0")[1].num_transitions == 4
 
 
 def test_actions_outside_the_action_space_are_refused_or_clipped():
