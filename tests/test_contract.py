@@ -143,6 +143,8 @@ def test_two_process_ddp_fits(config, pendulum_id, tmp_path):
     )
     assert cli.trainer.world_size == 2
     assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 4
+    hparams = (next(tmp_path.rglob("hparams.yaml"))).read_text()
+    assert "batch_size: 16" in hparams and "global_batch_size: 32" in hparams, "batch_size is per process"
 
 
 @pytest.mark.parametrize("stop", [5, 6], ids=["mid-epoch", "epoch-end"])

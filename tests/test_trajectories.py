@@ -181,3 +181,26 @@ def assert_fails_cleanly(dataset_id: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in message, message
     assert not [e for e in cache_entries() if e.startswith(dataset_id.replace("/", "--"))]
+
+
+def test_processes_converting_at_once_convert_once(pendulum_id):
+    """Every DDP rank (or every job of a sweep) asks for the dataset at start: one converts, the others wait for its
+    cache. Each process here slows its conversion by 3 s so that both are inside it at once without the lock."""
+    import shutil
+    import subprocess
+    import sys
+
+    for entry in cache_root().glob("test--pendulum-v0-*"):
+        shutil.rmtree(entry)
+    script = (
+        "import time; from dtlab.data import convert\n"
+        "real = convert._convert\n"
+        "def slow(*args):\n    print('converting', flush=True); time.sleep(3); real(*args)\n"
+        "convert._convert = slow\n"
+        f"print(convert.load_trajectories({pendulum_id!r})[1].num_transitions)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    printed = "".join(out for out, _ in outs)
+    assert printed.count("converting") == 1 and printed.count("6000") == 2, printed

@@ -26,6 +26,7 @@ import minari
 import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
+from filelock import FileLock
 
 from dtlab.data.paths import cache_root, dataset_dir, local_dataset_ids, minari_root
 from dtlab.data.recording import EMBEDDED_DATASETS
@@ -280,28 +281,39 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
     final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
     if not (final / SPEC_FILE).exists():
         _check_cache_dir(final.parent, dataset_id)
-        _remove_stale_partials(final)
-        partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            arrays = _episode_arrays(dataset_id, ds)
-            spec = _spec(dataset_id, ds, arrays, fp)
-            try:
-                with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
-                    datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
-                (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
-            except OSError as err:
-                raise DatasetError(
-                    f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room."
-                ) from None
-            try:
-                os.rename(partial, final)
-            except OSError:  # another process finished the same conversion first
-                if not (final / SPEC_FILE).exists():
-                    raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        # One conversion per cache, however many processes ask at once (every DDP rank, every job of a sweep):
+        # the first converts, the others wait here and then read its cache.
+        locks = final.parent / ".locks"  # beside the caches, never mistaken for one
+        locks.mkdir(exist_ok=True)
+        with FileLock(str(locks / f"{final.name}.lock")):
+            if not (final / SPEC_FILE).exists():
+                _convert(dataset_id, ds, fp, final)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
     return datasets.load_from_disk(str(final)), spec
+
+
+def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path) -> None:
+    """Write the Arrow cache of one Minari dataset into `final`, atomically (a partial folder, then a rename)."""
+    _remove_stale_partials(final)
+    partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        arrays = _episode_arrays(dataset_id, ds)
+        spec = _spec(dataset_id, ds, arrays, fp)
+        try:
+            with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
+                datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
+            (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
+        except OSError as err:
+            raise DatasetError(
+                f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room."
+            ) from None
+        try:
+            os.rename(partial, final)
+        except OSError:  # another process finished the same conversion first (a cache without the lock)
+            if not (final / SPEC_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_from_hub(repo_id: str, revision: str | None = None) -> tuple[datasets.Dataset, DatasetSpec]:

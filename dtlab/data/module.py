@@ -116,7 +116,12 @@ class OfflineDataModule(L.LightningDataModule):
         self._transitions: Transitions | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the dataset (validated and converted to the Arrow cache on first use), once."""
+        """Load the dataset (validated and converted to the Arrow cache on first use), once; under a trainer,
+        record the global batch (batch_size is per process) in the run's hyperparameters."""
+        if self.trainer is not None:  # Lightning has logged the hyperparameters by now: add it to every logger
+            self.hparams["global_batch_size"] = self.batch_size * self.trainer.world_size
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"global_batch_size": self.hparams["global_batch_size"]})
         if self._transitions is None:
             columns, spec = load_columns(self.dataset_id, COLUMNS)
             columns["actions"] = checked_actions(columns, spec, self.clip_actions)
