@@ -137,6 +137,7 @@ def test_datamodule_defaults_and_the_smallest_valid_sizes(pendulum_id) -> None:
     assert defaults == {"dataset_id": "pendulum/mixed-v0", "batch_size": 256, "steps_per_epoch": 1000, "seed": 0, "in_memory": True, "clip_actions": False}
     dm = OfflineDataModule(pendulum_id, batch_size=1, steps_per_epoch=1)
     assert dm.batch_size == 1 and dm.steps_per_epoch == 1
+    assert len(dm.transitions) == 6000 and dm.spec["dataset_id"] == pendulum_id  # properties, loading on first use
     for bad in ({"batch_size": 0}, {"steps_per_epoch": 0}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             OfflineDataModule(pendulum_id, **bad)

@@ -334,6 +334,14 @@ def test_head_cache_and_weight_decay_follow_the_recipe(pendulum: OfflineDataModu
     model = DecisionTransformer(pendulum.spec, context_len=20, embed_dim=16, n_layer=1, n_head=1)
     assert model.policy.model.config.action_tanh, "continuous actions: a tanh head, scaled to the box"
     assert model.policy.cache_keep == 10, "cache_keep None: K // 2"
+    warm = DecisionTransformer(pendulum.spec, embed_dim=16, n_layer=1, n_head=1, lr=1e-3, warmup_steps=4).configure_optimizers()
+    schedule = warm["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(6):  # linear warm-up from lr/4 over 4 updates, then constant
+        rates.append(schedule.get_last_lr()[0])
+        warm["optimizer"].step()
+        schedule.step()
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     optimizer = model.configure_optimizers()["optimizer"]
     decay, no_decay = ({id(p) for p in g["params"]} for g in optimizer.param_groups)
     assert optimizer.param_groups[0]["weight_decay"] == model.hparams.weight_decay and optimizer.param_groups[1]["weight_decay"] == 0.0

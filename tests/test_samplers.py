@@ -262,6 +262,7 @@ def test_train_dataloader_serves_the_rank_zero_stream(pendulum_id: str) -> None:
 
 def test_batch_format_refuses_windows_without_a_context() -> None:
     assert BatchFormat("windows", context_len=1).context_len == 1  # one step is a valid window
+    assert BatchFormat("windows", context_len=20).context_len == 20
     for bad in (None, 0, -3):
         with pytest.raises(ValueError, match="needs a context_len >= 1"):
             BatchFormat("windows", context_len=bad)
