@@ -156,3 +156,22 @@ def test_multi_dimensional_actions_keep_their_shape(tmp_path) -> None:
     actions = np.concatenate([ep.actions for ep in minari_ds.iterate_episodes()])
     assert t.columns["actions"].shape == (100, 2) and t.columns["observations"].shape == (100, 10)
     np.testing.assert_array_equal(t.columns["actions"].numpy(), actions.astype(np.float32))
+
+
+def test_reference_returns_come_from_a_refs_json_where_the_metadata_has_none() -> None:
+    import json
+
+    from dtlab.data.paths import dataset_dir
+    from dtlab.data.recording import PolicyAgent, pendulum_swingup, record_dataset
+
+    record_dataset(
+        "refs/pendulum-v0", "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.0, np.random.default_rng(0))), 2, ref_min_score=-1.0, ref_max_score=1.0
+    )
+    meta_path = dataset_dir("refs/pendulum-v0") / "metadata.json"
+    meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if k not in ("ref_min_score", "ref_max_score")}
+    meta_path.write_text(json.dumps(meta))
+    assert OfflineDataModule("refs/pendulum-v0").spec["ref_min_score"] is None  # no metadata refs, no refs.json
+    (dataset_dir("refs/pendulum-v0").parent / "refs.json").write_text(json.dumps({"random_return": -1200.0, "expert_return": -130.0}))
+    (dataset_dir("refs/pendulum-v0") / "metadata.json").write_text(json.dumps(meta | {"description": "changed: a new cache key"}))
+    spec = OfflineDataModule("refs/pendulum-v0").spec
+    assert (spec["ref_min_score"], spec["ref_max_score"]) == (-1200.0, -130.0)
