@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dtlab.algos import ALGORITHMS, OfflineRLModule
 from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume, RunReport
 from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
-from dtlab.commands import UsageError
+from dtlab.commands import COMMANDS, UsageError
 from dtlab.data.module import OfflineDataModule
 from dtlab.spec import DatasetError
 
@@ -232,8 +232,6 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
 
 def run_command(argv: list[str]) -> Any:
     """`dtlab <command> ...` for the commands besides fit (dtlab.commands): jsonargparse over their signatures."""
-    from dtlab.commands import COMMANDS
-
     name = argv[0]
     args = shell_style(COMMANDS[name], argv[1:])
     return auto_cli(COMMANDS[name], args=args, prog=f"dtlab {name}", formatter_class=HelpFormatter)
@@ -260,8 +258,6 @@ USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, UsageError)  # Da
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `dtlab`: errors the user can fix print as one message (DTLAB_DEBUG=1 for the traceback)."""
-    from dtlab.commands import COMMANDS
-
     from_shell = argv is None
     argv = sys.argv[1:] if from_shell else argv
     if not argv or argv[0] in ("-h", "--help"):

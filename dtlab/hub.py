@@ -110,8 +110,12 @@ def from_pretrained(
         if directory.exists() or str(source).count("/") != 1:
             raise CheckpointError(f"{source} is neither a model folder (config.json + model.safetensors) nor a Hub repo id (user/name).")
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
 
-        directory = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=[CONFIG, WEIGHTS]))
+        try:
+            directory = Path(snapshot_download(str(source), revision=revision, token=token, allow_patterns=[CONFIG, WEIGHTS]))
+        except (HFValidationError, OSError) as err:  # OSError covers huggingface_hub's HTTP and offline errors
+            raise CheckpointError(f"{source} is not a local model folder and could not be fetched as a Hub repo id: {str(err).splitlines()[0]}") from None
     config_path, weights = directory / CONFIG, directory / WEIGHTS
     for path in (config_path, weights):
         if not path.is_file():
@@ -145,7 +149,10 @@ def load_model(source: str | Path) -> OfflineRLModule:
     """Whatever a user points at: a checkpoint file (.ckpt), a model folder, or a Hub repo id."""
     from dtlab.checkpoints import load_checkpoint
 
-    return load_checkpoint(source).eval() if Path(source).is_file() else from_pretrained(source)
+    path = Path(source)
+    if path.suffix == ".ckpt" or path.is_file():
+        return load_checkpoint(path).eval()  # a missing .ckpt is named as such, not looked up on the Hub
+    return from_pretrained(source)
 
 
 def warm_start(model: OfflineRLModule, source: str | Path) -> None:

@@ -18,7 +18,7 @@ from test_contract import TINY
 from dtlab.algos import ALGORITHMS, IQL, TD3BC
 from dtlab.checkpoints import CheckpointError
 from dtlab.data.module import OfflineDataModule
-from dtlab.hub import from_pretrained, save_pretrained
+from dtlab.hub import from_pretrained, load_model, save_pretrained
 
 OBS = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
 ACT = "np.asarray(m.make_agent(3).act(OBS), dtype=np.float64).tolist()"
@@ -101,6 +101,8 @@ def test_a_bad_model_folder_is_named_with_what_is_wrong(pendulum_id, tmp_path):
         from_pretrained(folder)
     with pytest.raises(CheckpointError, match="neither a model folder"):
         from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):  # a path, not looked up on the Hub
+        load_model(tmp_path / "missing.ckpt")
 
 
 def test_a_pickle_posing_as_weights_runs_nothing(pendulum_id, tmp_path):
