@@ -72,3 +72,22 @@ def test_make_dataset_tool(tmp_path):
     assert minari.load_dataset("rec/random-v0").storage.metadata["ref_min_score"] is not None
     again = subprocess.run(tool, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_cartpole_controller_balances_and_its_noise_takes_both_actions():
+    import gymnasium as gym
+
+    from dtlab.data.recording import cartpole_balance
+
+    env = gym.make("CartPole-v1")
+    policy = cartpole_balance(0.0, np.random.default_rng(0))
+    for seed in range(3):  # the noise-free controller holds the pole for the whole 500-step episode
+        obs, _ = env.reset(seed=seed)
+        steps, done = 0, False
+        while not done:
+            obs, _, terminated, truncated, _ = env.step(policy(obs))
+            steps, done = steps + 1, terminated or truncated
+        assert steps == 500 and truncated
+    random = cartpole_balance(1.0, np.random.default_rng(0))  # epsilon 1: every action random
+    upright = np.zeros(4, dtype=np.float32)
+    assert {random(upright) for _ in range(50)} == {0, 1}
