@@ -90,6 +90,7 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
     assert spec.ref_max_score == p0.ref_max_score  # the expert part carries no references: the first part's are kept
     all_obs = torch.cat([p.columns["observations"] for p in parts]).double()
     np.testing.assert_allclose(spec.obs_mean, all_obs.mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(spec.obs_std, all_obs.double().std(0, unbiased=False).numpy() + 1e-6, rtol=1e-5)
     # the second part's episodes follow the first's: ids stay unique and windows never cross episodes
     ids = mixed.columns["episode_ids"]
     assert ids.unique().numel() == spec.num_episodes and int(ids.max()) == spec.num_episodes - 1
@@ -114,7 +115,7 @@ def test_checked_actions_refuses_what_leaves_the_space_and_names_the_first() -> 
     assert checked_actions(columns | {"actions": inside}, box, clip=False) is inside
     outside = inside.copy()
     outside[1] = [1.5, 1.0]  # the first bad row (episode 0, step 1) ...
-    outside[3] = [0.0, -0.01]  # ... and a second, below a low bound of 0
+    outside[3] = [-1.5, 1.0]  # ... and a second, below the low bound of -1
     with pytest.raises(DatasetError) as info:
         checked_actions(columns | {"actions": outside}, box, clip=False)
     message = str(info.value)
@@ -122,7 +123,7 @@ def test_checked_actions_refuses_what_leaves_the_space_and_names_the_first() -> 
         "Dataset 'unit/box': 2 actions lie outside the action space [[-1.0, 0.0], [1.0, 3.0]]; the first is [1.5, 1.0] in episode 0, step 1."
     )
     assert message.endswith("Fix the data, or pass --data.clip_actions true to clip them into the box.")
-    np.testing.assert_array_equal(checked_actions(columns | {"actions": outside}, box, clip=True)[[1, 3]], [[1.0, 1.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(checked_actions(columns | {"actions": outside}, box, clip=True)[[1, 3]], [[1.0, 1.0], [-1.0, 1.0]])
 
     discrete = SimpleNamespace(dataset_id="unit/discrete", discrete=True, action_dim=3)
     for bad in ([0, 1, -1, 2], [0, 3, 1, 2]):
