@@ -56,6 +56,15 @@ def evaluate_returns(module: L.LightningModule, seeds: Sequence[int], targets: S
     return returns if targets is None else returns.reshape(k, n)
 
 
+def return_summary(returns: np.ndarray, spec: DatasetSpec) -> dict[str, float]:
+    """Mean and std of one set of episode returns, and of their normalised scores where the data has references."""
+    out = {"return_mean": float(returns.mean()), "return_std": float(returns.std())}
+    if spec.ref_min_score is not None and spec.ref_max_score is not None:
+        scores = spec.normalized_score(returns)
+        out |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
+    return out
+
+
 def eval_metrics(returns: np.ndarray, targets: Sequence[float] | None, spec: DatasetSpec) -> dict[str, float]:
     """Metrics of (targets, episodes) returns: eval/return and eval/normalized_score of the first (primary)
     row, and with targets eval/return/target_<R> (and the score) of each row."""

@@ -150,7 +150,7 @@ def evaluate(
         video: also record the first episode to this file (.mp4 or .gif; needs `pip install 'dtlab[video]'`).
         threads: torch CPU threads.
     """
-    from dtlab.callbacks import evaluate_returns
+    from dtlab.callbacks import evaluate_returns, return_summary
     from dtlab.hub import load_model
 
     torch.set_num_threads(threads)
@@ -165,7 +165,6 @@ def evaluate(
     start = time.perf_counter()
     returns = evaluate_returns(model, seeds, targets, progress=not json and sys.stderr.isatty())
     rows = returns.reshape(-1, episodes)
-    has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
     result = {
         "checkpoint": str(checkpoint),
         "algorithm": type(model).__name__,
@@ -177,12 +176,9 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
     }
     for i, row in enumerate(rows):
-        entry = {"returns": row.tolist(), "return_mean": float(row.mean()), "return_std": float(row.std())}
+        entry = {"returns": row.tolist()} | return_summary(row, spec)
         if targets is not None:
             entry = {"target_return": float(targets[i]), **entry}
-        if has_refs:
-            scores = spec.normalized_score(row)
-            entry |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
         result["results"].append(entry)
     if video is not None:
         from dtlab.envs import record_video
@@ -194,7 +190,7 @@ def evaluate(
         for entry in result["results"]:
             head = f"target {entry['target_return']:g}: " if "target_return" in entry else ""
             line = f"{spec.dataset_id}: {head}return {entry['return_mean']:.1f} ± {entry['return_std']:.1f} over {episodes} episodes"
-            if has_refs:
+            if "normalized_score_mean" in entry:
                 line += f", normalised score {entry['normalized_score_mean']:.1f} ± {entry['normalized_score_std']:.1f}"
             print(line)
         if video is not None:

@@ -59,16 +59,13 @@ def _plain(value: Any) -> Any:
 
 def evaluate_for_card(model: OfflineRLModule, episodes: int, seed: int = 0) -> dict[str, Any]:
     """Greedy returns over `episodes` seeded episodes (a DT at its first target), summarised for the card."""
-    from dtlab.callbacks import evaluate_returns
+    from dtlab.callbacks import evaluate_returns, return_summary
 
     targets = getattr(model, "eval_targets", None)
     returns = evaluate_returns(model, list(range(seed, seed + episodes)), None if targets is None else targets[:1]).reshape(-1)
-    out = {"episodes": episodes, "seed": seed, "return_mean": float(returns.mean()), "return_std": float(returns.std())}
+    out = {"episodes": episodes, "seed": seed} | return_summary(returns, model.spec)
     if targets is not None:
         out["target_return"] = float(targets[0])
-    if model.spec.ref_min_score is not None and model.spec.ref_max_score is not None:
-        scores = model.spec.normalized_score(returns)
-        out |= {"normalized_score_mean": float(np.mean(scores)), "normalized_score_std": float(np.std(scores))}
     return out
 
 
