@@ -6,7 +6,9 @@ The LightningModules keep networks and losses only; what a run does around them 
 
 from __future__ import annotations
 
+import json
 import random
+import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,21 +138,48 @@ class EnvEvaluation(Callback):
 
 class RunReport(Callback):
     """What a run leaves to read: `learning_curve.png` in the run folder, redrawn after every epoch from the
-    CSV logger's metrics.csv, and a summary block at the end of the fit (updates, wall time, final and best
-    evaluation, where the checkpoints and plots are)."""
+    CSV logger's metrics.csv; at the end of the fit a summary block (updates, wall time, final and best
+    evaluation, where the checkpoints and plots are) and `run_summary.json` (below), which `dtlab scale` reads.
+
+    run_summary.json: updates; wall_s; updates_per_s, samples_per_s (and tokens_per_s for sequence models,
+    3 tokens per step) timed after the first tenth of the updates (warm-up: allocation, compilation) up
+    to the last, so evaluation at the end is not counted; world_size, batch_size (per process) and
+    global_batch_size; parameters; peak_memory_mb, the largest over processes (CUDA: peak allocated by
+    tensors; CPU: peak resident set of the process); device; the mean of each training metric over the
+    last tenth of the updates (`train`), and the final evaluation (`eval`)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start, self.start_step = time.perf_counter(), trainer.global_step
+        planned = max(int(trainer.estimated_stepping_batches), 1)  # updates this fit will make
+        self.warm_step = self.start_step + max(1, planned // 10)
+        self.timed: tuple[float, int] | None = None
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warm_step:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self.timed = (time.perf_counter(), trainer.global_step)
+        elif self.timed is not None:
+            self.last_update = (time.perf_counter(), trainer.global_step)
 
     @staticmethod
     def metrics_csv(trainer: L.Trainer) -> Path | None:
-        """The CSV logger's metrics.csv, written out now (None without a CSV logger)."""
+        """The CSV logger's metrics.csv, written out now (None without a CSV logger or before any row)."""
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.save()
                 path = Path(logger.log_dir) / "metrics.csv"
                 return path if path.is_file() else None
         return None
+
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> Path | None:
+        """The run's folder (the CSV logger's runs/<name>/version_N, else the trainer's log_dir)."""
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        folder = csv_logger.log_dir if csv_logger is not None else trainer.log_dir
+        return None if folder is None else Path(folder)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         csv = self.metrics_csv(trainer) if trainer.is_global_zero else None
@@ -166,6 +195,49 @@ class RunReport(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch > 0:  # the previous epoch's evaluation is in the logger by now
             self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every process measures its own peak; the largest is reported (a collective: every rank comes here).
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.peak_memory_mb = float(pl_module.all_gather(torch.tensor(peak, dtype=torch.float64, device=pl_module.device)).max())
+
+    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, seconds: float, history: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        """The run_summary.json record (see the class docstring)."""
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        out: dict[str, Any] = {
+            "algorithm": type(pl_module).__name__,
+            "dataset_id": pl_module.spec.dataset_id,
+            "updates": trainer.global_step,
+            "wall_s": seconds,
+            "world_size": trainer.world_size,
+            "batch_size": batch_size,
+            "global_batch_size": None if batch_size is None else batch_size * trainer.world_size,
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+            "peak_memory_mb": getattr(self, "peak_memory_mb", None),
+            "device": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu",
+            "precision": str(trainer.precision),
+        }
+        if self.timed is not None and hasattr(self, "last_update"):
+            (t0, s0), (t1, s1) = self.timed, self.last_update
+            out["updates_per_s"] = (s1 - s0) / max(t1 - t0, 1e-9)
+            if batch_size is not None:
+                out["samples_per_s"] = out["updates_per_s"] * out["global_batch_size"]
+                context_len = pl_module.batch_format.context_len
+                if context_len:
+                    out["tokens_per_s"] = out["samples_per_s"] * 3 * context_len
+        tail = trainer.global_step - max(1, (trainer.global_step - self.start_step) // 10)
+        out["train"] = {
+            name.removeprefix("train/"): float(values[steps > tail].mean() if (steps > tail).any() else values[-1])
+            for name, (steps, values) in history.items()
+            if name.startswith("train/")
+        }
+        out["eval"] = {
+            name.removeprefix("eval/"): float(values[-1]) for name, (_, values) in history.items() if name in ("eval/return", "eval/normalized_score")
+        }
+        return out
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -198,6 +270,12 @@ class RunReport(Callback):
             plots.append(csv.parent / "return_conditioning.png")
         if plots:
             lines.append(f"plots        {', '.join(map(str, plots))}")
+        run_dir = self.run_dir(trainer)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            summary = run_dir / "run_summary.json"
+            summary.write_text(json.dumps(self.summary(trainer, pl_module, seconds, history), indent=2) + "\n")
+            lines.append(f"summary      {summary}")
         print(f"\n{type(pl_module).__name__} on {pl_module.spec.dataset_id}: done\n" + "\n".join(f"  {line}" for line in lines), flush=True)
 
 

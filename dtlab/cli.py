@@ -131,6 +131,8 @@ class DTLabCLI(LightningCLI):
         trainer = config.trainer
         if trainer.enable_progress_bar is False:  # Lightning refuses a progress bar callback then
             self.trainer_defaults["callbacks"] = [cb for cb in self.trainer_defaults["callbacks"] if not isinstance(cb, TQDMProgressBar)]
+        if config.evaluation.episodes == 0 and config.checkpoint.monitor in ("eval/return", "eval/normalized_score"):
+            config.checkpoint.monitor, config.checkpoint.save_top_k = None, 0  # no evaluation, no "best": last.ckpt only
         if trainer.max_steps is not None and trainer.max_steps > 0:  # updates decide: epochs follow (the bar says "Epoch k/K" right)
             trainer.max_epochs = -(-trainer.max_steps // config.data.steps_per_epoch)
 
@@ -186,6 +188,7 @@ commands:
   export         write a policy as ONNX or TorchScript, normalisation and action scaling inside
   push-dataset   upload a trajectory dataset with its card to the Hub (then --data.dataset_id hf:USER/NAME)
   import-transformers   a transformers DecisionTransformerModel folder as a dtlab model (evaluate, fine-tune)
+  scale          scaling study: a grid of fits over devices, model size, batch size and data; CSV, plots, power laws
 
 Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,
 no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,

@@ -384,6 +384,69 @@ def import_transformers(
     print(f"{path}: DecisionTransformer from {folder} (env {model.spec.env_spec['id']}, targets {model.eval_targets})")
 
 
+def scale(
+    fit_config: str,
+    out: str = "scaling",
+    devices: list[int] = [1],  # noqa: B006 (jsonargparse reads the default; never mutated)
+    sizes: list[dict] | None = None,
+    batch_sizes: list[int] | None = None,
+    fractions: list[float] = [1.0],  # noqa: B006
+    seeds: list[int] = [0],  # noqa: B006
+    updates: int = 200,
+    accelerator: str = "cpu",
+    threads: int | None = 1,
+    eval_episodes: int = 0,
+    loss: str | None = None,
+    fit_args: list[str] | None = None,
+) -> None:
+    """Scaling study: a grid of real `dtlab fit` runs over devices × model size × batch size × data fraction × seed,
+    each for a fixed number of updates. Writes OUT/scaling.csv (one row per cell: samples/s, updates/s, tokens/s,
+    scaling efficiency = samples/s at N devices ÷ (N × samples/s at 1), peak memory, parameters, final training loss,
+    normalised score), throughput.png, loss_vs_parameters.png and loss_vs_data.png with fitted power laws
+    L = a·N^(−α) + c (OUT/fits.json), and score_vs_parameters.png. Run it again to finish an interrupted grid.
+
+        dtlab scale conf/dt.yaml --devices '[1, 2]' --updates 300 --out docs/scaling/dt-cpu
+        dtlab scale conf/dt.yaml --sizes '[{embed_dim: 64, n_layer: 1}, {embed_dim: 128, n_layer: 3}]' \\
+            --fractions '[0.1, 0.3, 1.0]' --updates 2000 --eval_episodes 5 --out studies/dt-size
+        dtlab scale conf/iql.yaml --accelerator gpu --devices '[1, 2, 4, 8]' --threads null \\
+            --fit_args '[--trainer.precision, bf16-mixed]'
+
+    Args:
+        fit_config: the training config (as for `dtlab fit -c`); every cell starts from it.
+        out: the study's folder (scaling.csv, plots, fits.json, runs/, logs/).
+        devices: process counts; a cell with N > 1 runs DDP over N devices (CPU processes with `accelerator cpu`).
+        sizes: model overrides per size, e.g. '[{embed_dim: 64, n_layer: 1}]' (default: the config's model).
+        batch_sizes: per-process batch sizes (default: the config's data.batch_size).
+        fractions: shares of the dataset's episodes to train on (data.fraction).
+        seeds: seeds of each cell (seed_everything and data.seed); plots show mean ± std over them.
+        updates: updates per cell; throughput is timed after the first tenth.
+        accelerator: cpu or gpu (Lightning's names).
+        threads: CPU threads per process (OMP_NUM_THREADS); null leaves the default.
+        eval_episodes: evaluation episodes at the end of each cell (0: none; needs the environment).
+        loss: the training metric plotted as the loss (default: dt_loss, bc_loss or actor_loss).
+        fit_args: more `dtlab fit` options for every cell, e.g. '[--data.dataset_id, halfcheetah/medium-v0]'.
+    """
+    import yaml
+
+    from dtlab.scaling import grid, run_grid
+
+    if not Path(fit_config).is_file():
+        raise UsageError(f"{fit_config}: no such config file.")
+    if min(devices) < 1 or updates < 2:
+        raise UsageError(f"--devices must be >= 1 and --updates >= 2, got {devices} and {updates}.")
+    if not all(0.0 < f <= 1.0 for f in fractions):
+        raise UsageError(f"--fractions must lie in (0, 1], got {fractions}.")
+    if batch_sizes is None:
+        batch_sizes = [int(((yaml.safe_load(Path(fit_config).read_text()) or {}).get("data") or {}).get("batch_size", 256))]
+    cells = grid(devices, sizes or [{}], batch_sizes, fractions, seeds)
+    path, plots, fits = run_grid(fit_config, Path(out), cells, updates, accelerator, threads, eval_episodes, fit_args or [], loss)
+    print(f"{path}: {len(cells)} cells")
+    for name, fit in fits.items():
+        print(f"  {name}: L = {fit['a']:.3g}·x^(−{fit['alpha']:.3f}) + {fit['c']:.3g}")
+    for plot_path in plots:
+        print(f"  {plot_path}")
+
+
 COMMANDS: dict[str, Callable] = {
     "make-dataset": make_dataset,
     "evaluate": evaluate,
@@ -393,4 +456,5 @@ COMMANDS: dict[str, Callable] = {
     "export": export,
     "push-dataset": push_dataset,
     "import-transformers": import_transformers,
+    "scale": scale,
 }

@@ -124,32 +124,41 @@ def test_updates_are_the_unit_and_a_checkpoint_acts_alone(config, pendulum_id, t
     np.testing.assert_array_equal(np.array(json.loads(out.stdout.strip().splitlines()[-1])), np.asarray(expected, dtype=np.float64))
 
 
+# Overrides under which an update draws no random numbers (no dropout, no sampled noise or actions): then
+# 2-process DDP with batch B must reach the parameters of one process with batch 2B. TD3+BC's target noise
+# and CQL's sampled actions are drawn per process, so those two only fit. (The DT's learning rate warms up
+# over one update, so that 4 updates move its parameters well beyond float noise.)
+DETERMINISTIC_UPDATE = {"BC": [], "IQL": [], "DecisionTransformer": ["--model.init_args.dropout", "0", "--model.init_args.warmup_steps", "1"]}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_two_process_ddp_fits(config, pendulum_id, tmp_path):
-    cli = fit(
-        config,
-        pendulum_id,
-        tmp_path,
-        "--trainer.max_steps",
-        "4",
-        "--data.steps_per_epoch",
-        "4",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp_spawn",
-    )
+def test_two_process_ddp_fits_and_equals_one_process_with_the_global_batch(config, pendulum_id, tmp_path):
+    name = class_name(config)
+    budget = ("--trainer.max_steps", "4", "--data.steps_per_epoch", "4", *DETERMINISTIC_UPDATE.get(name, []))
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
+    cli = fit(config, pendulum_id, tmp_path / "ddp", *budget, *ddp, "--data.batch_size", "8")
     assert cli.trainer.world_size == 2
-    assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 4
-    hparams = (next(tmp_path.rglob("hparams.yaml"))).read_text()
-    assert "batch_size: 16" in hparams and "global_batch_size: 32" in hparams, "batch_size is per process"
+    last = next((tmp_path / "ddp").rglob("last.ckpt"))
+    assert read_checkpoint(last)["global_step"] == 4
+    hparams = (next((tmp_path / "ddp").rglob("hparams.yaml"))).read_text()
+    assert "batch_size: 8" in hparams and "global_batch_size: 16" in hparams, "batch_size is per process"
+    if name not in DETERMINISTIC_UPDATE:
+        return
+    one = fit(config, pendulum_id, tmp_path / "one", *budget, "--data.batch_size", "16", "--evaluation.episodes", "0")
+    ddp_params, one_params = read_checkpoint(last)["state_dict"], one.model.state_dict()
+    assert ddp_params.keys() == one_params.keys()
+    for key, value in one_params.items():
+        torch.testing.assert_close(ddp_params[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    # rank 1's samples count: one process with rank 0's batch alone ends far further away
+    half = fit(config, pendulum_id, tmp_path / "half", *budget, "--data.batch_size", "8", "--evaluation.episodes", "0").model.state_dict()
+    floating = [k for k, v in one_params.items() if v.is_floating_point()]
+    ddp_gap = max(float((ddp_params[k] - one_params[k]).abs().max()) for k in floating)
+    half_gap = max(float((half[k] - one_params[k]).abs().max()) for k in floating)
+    assert half_gap > 1e-4 and ddp_gap < 1e-2 * half_gap, (ddp_gap, half_gap)
 
 
-@pytest.mark.parametrize("stop", [5, 6], ids=["mid-epoch", "epoch-end"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_resume_is_exact(config, stop, pendulum_id, tmp_path):
+def test_resume_is_exact(config, pendulum_id, tmp_path):
     budget = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "100", "--trainer.max_steps", "9")
     # the straight run also keeps a checkpoint after every update (epochs of 3: update 5 is mid-epoch, 6 ends one)
     every = (
@@ -162,17 +171,19 @@ def test_resume_is_exact(config, stop, pendulum_id, tmp_path):
         "at-{step}",
     )
     straight = fit(config, pendulum_id, tmp_path / "straight", *budget, *every)
-    ckpt = next((tmp_path / "straight").rglob(f"at-step={stop}.ckpt"))
-    resumed = fit(config, pendulum_id, tmp_path / "resumed", *budget, "--ckpt_path", str(ckpt))
-    assert resumed.trainer.global_step == 9
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    different = [name for name in a if not torch.equal(a[name], b[name])]
-    assert not different, f"parameters differ after resume: {different}"
-    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers):
-        for s_a, s_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
-            assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), "optimiser state differs after resume"
-    straight_rows, resumed_rows = train_rows(tmp_path / "straight"), train_rows(tmp_path / "resumed")
-    assert straight_rows and {s: straight_rows[s] for s in range(stop, 9)} == {s: resumed_rows[s] for s in range(stop, 9)}
+    straight_rows = train_rows(tmp_path / "straight")
+    for stop in (5, 6):  # mid-epoch, epoch end
+        ckpt = next((tmp_path / "straight").rglob(f"at-step={stop}.ckpt"))
+        resumed = fit(config, pendulum_id, tmp_path / f"resumed-{stop}", *budget, "--ckpt_path", str(ckpt))
+        assert resumed.trainer.global_step == 9
+        a, b = straight.model.state_dict(), resumed.model.state_dict()
+        different = [name for name in a if not torch.equal(a[name], b[name])]
+        assert not different, f"resumed at {stop}: parameters differ: {different}"
+        for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers):
+            for s_a, s_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+                assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), f"resumed at {stop}: optimiser state differs"
+        resumed_rows = train_rows(tmp_path / f"resumed-{stop}")
+        assert straight_rows and {s: straight_rows[s] for s in range(stop, 9)} == {s: resumed_rows[s] for s in range(stop, 9)}
 
 
 def test_ckpt_path_last_continues_the_newest_complete_run(pendulum_id, tmp_path):

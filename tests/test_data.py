@@ -45,24 +45,36 @@ def test_discounted_returns_match_a_direct_sum(datamodule):
     np.testing.assert_allclose(mc[start : start + length].numpy(), expected, rtol=1e-4)
 
 
-def _stream(datamodule, rank: int, start: int, n: int = 3) -> list:
+def _stream(datamodule, start: int, n: int = 3, batch_size: int = 8, rank: int = 0, world_size: int = 1) -> list:
     from itertools import islice
 
     from dtlab.data.module import BatchStream
 
-    stream = BatchStream(datamodule.sampler(), 8, steps=3, seed=datamodule.seed, rank=rank, start=lambda: start)
+    stream = BatchStream(datamodule.sampler(), batch_size, steps=3, seed=datamodule.seed, start=lambda: start, rank=rank, world_size=world_size)
     return list(islice(iter(stream), n))
 
 
-def test_streams_repeat_under_a_seed_differ_by_rank_and_are_indexed_by_update(datamodule):
-    a, b = _stream(datamodule, 0, 0), _stream(datamodule, 0, 0)
+def test_streams_repeat_under_a_seed_and_are_indexed_by_update(datamodule):
+    a, b = _stream(datamodule, 0), _stream(datamodule, 0)
     assert all(torch.equal(x.observations, y.observations) for x, y in zip(a, b))
-    other_rank = _stream(datamodule, 1, 0)
-    assert not any(torch.equal(x.observations, y.observations) for x, y in zip(a, other_rank))
     # a stream started at update 1 (a resume) continues the stream started at 0, batch for batch
-    resumed = _stream(datamodule, 0, 1, n=2)
+    resumed = _stream(datamodule, 1, n=2)
     assert all(torch.equal(x.observations, y.observations) for x, y in zip(a[1:], resumed))
     assert not torch.equal(a[0].observations, a[1].observations)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_serve_their_rows_of_the_single_process_batch(datamodule, world_size):
+    """N ranks with batch B serve, between them, exactly the batches of one process with batch N·B, in rank order."""
+    single = _stream(datamodule, 0, batch_size=8 * world_size)
+    ranks = [_stream(datamodule, 0, rank=r, world_size=world_size) for r in range(world_size)]
+    for update, batch in enumerate(single):
+        parts = [stream[update] for stream in ranks]
+        assert all(len(p.observations) == 8 for p in parts)
+        for field in ("observations", "actions", "rewards", "terminals"):
+            torch.testing.assert_close(torch.cat([getattr(p, field) for p in parts]), getattr(batch, field), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        _stream(datamodule, 0, rank=2, world_size=2)
 
 
 def test_memory_mapped_and_in_memory_serve_the_same_batches(pendulum_id):
@@ -176,3 +188,29 @@ def test_reference_returns_come_from_a_refs_json_where_the_metadata_has_none() -
     (dataset_dir("refs/pendulum-v0") / "metadata.json").write_text(json.dumps(meta | {"description": "changed: a new cache key"}))
     spec = OfflineDataModule("refs/pendulum-v0").spec
     assert (spec["ref_min_score"], spec["ref_max_score"]) == (-1200.0, -130.0)
+
+
+def test_a_fraction_of_the_episodes_is_a_seeded_subset_with_its_own_statistics(pendulum_id):
+    """data.fraction keeps round(f·E) whole episodes chosen by the seed, renumbered 0..n-1 (so windows and
+    Monte-Carlo returns stay within episodes), with the spec's counts and statistics over those episodes."""
+    full = OfflineDataModule(pendulum_id).transitions
+    part = OfflineDataModule(pendulum_id, fraction=0.3, seed=1).transitions
+    again = OfflineDataModule(pendulum_id, fraction=0.3, seed=1).transitions
+    other = OfflineDataModule(pendulum_id, fraction=0.3, seed=2).transitions
+    assert part.spec.num_episodes == 9 == len(part.episode_lengths)  # 30 episodes
+    assert part.spec.num_transitions == len(part) == int(part.episode_lengths.sum()) < len(full)
+    ids = part.columns["episode_ids"].long()
+    assert ids.unique().tolist() == list(range(9)) and (ids.diff() >= 0).all()
+    assert torch.equal(part.columns["observations"], again.columns["observations"])
+    assert not torch.equal(part.columns["observations"][:100], other.columns["observations"][:100])
+    obs = part.columns["observations"].double()
+    np.testing.assert_allclose(part.spec.obs_mean, obs.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert part.spec.max_episode_steps == full.spec.max_episode_steps, "the timestep range keeps the model's size"
+    # every kept episode is one of the full data's, whole
+    full_returns = {
+        round(float(r), 3) for r in torch.zeros(len(full.episode_lengths)).index_add_(0, full.columns["episode_ids"].long(), full.columns["rewards"].float())
+    }
+    part_returns = torch.zeros(9).index_add_(0, ids, part.columns["rewards"].float())
+    assert {round(float(r), 3) for r in part_returns} <= full_returns
+    with pytest.raises(ValueError, match=r"data.fraction must be in \(0, 1\]"):
+        OfflineDataModule(pendulum_id, fraction=0.0)

@@ -218,25 +218,37 @@ def test_windows_draw_episodes_by_length_and_start_anywhere(cartpole: Transition
 # -- the batch stream -----------------------------------------------------------------------------
 
 
-def stream_rows(sampler: OfflineSampler, seed: int, rank: int, start: int = 0, n: int = 6) -> list[tuple[int, ...]]:
-    stream = BatchStream(sampler, 64, steps=5, seed=seed, rank=rank, start=lambda: start)
+def stream_rows(
+    sampler: OfflineSampler, seed: int, start: int = 0, n: int = 6, batch_size: int = 64, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, ...]]:
+    stream = BatchStream(sampler, batch_size, steps=5, seed=seed, start=lambda: start, rank=rank, world_size=world_size)
     assert len(stream) == 5
     return [tuple(b.observations[:, 0].long().tolist()) for b in islice(iter(stream), n)]
 
 
-def test_batch_streams_repeat_per_seed_and_rank_and_differ_otherwise(pendulum: Transitions) -> None:
-    """Batch k of rank r is a function of (seed, r, k) alone: the same stream twice, whatever the global RNG;
-    a resumed stream continues it; every other (seed, rank) and every other update gives another batch
-    (two equal batches of 64 rows out of 6000 by chance: < 1e-200). Catches a rank or seed ignored,
-    seed + rank mixed (rank 1 of seed 0 = rank 0 of seed 1), one batch repeated, the global RNG used."""
+def test_batch_streams_repeat_per_seed_and_differ_otherwise(pendulum: Transitions) -> None:
+    """Batch k is a function of (seed, k) alone: the same stream twice, whatever the global RNG; a resumed
+    stream continues it; every other seed and every other update gives another batch (two equal batches
+    of 64 rows out of 6000 by chance: < 1e-200). Catches a seed ignored, one batch repeated, the global RNG used."""
     sampler = OfflineSampler(pendulum, BatchFormat())
     torch.manual_seed(123)
-    reference = stream_rows(sampler, seed=0, rank=0)
+    reference = stream_rows(sampler, seed=0)
     torch.manual_seed(456)
-    assert stream_rows(sampler, seed=0, rank=0) == reference
-    assert stream_rows(sampler, seed=0, rank=0, start=3, n=3) == reference[3:]
-    every = [batch for seed, rank in [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)] for batch in stream_rows(sampler, seed, rank)]
-    assert len(set(every)) == len(every), "two (seed, rank, update) triples gave the same batch"
+    assert stream_rows(sampler, seed=0) == reference
+    assert stream_rows(sampler, seed=0, start=3, n=3) == reference[3:]
+    every = [batch for seed in (0, 1, 2) for batch in stream_rows(sampler, seed)]
+    assert len(set(every)) == len(every), "two (seed, update) pairs gave the same batch"
+
+
+@pytest.mark.parametrize("kind", ["transitions", "windows"])
+def test_ranks_split_the_global_batch(pendulum: Transitions, kind: str) -> None:
+    """Rank r of 2 serves rows [32r, 32r + 32) of the 64-row global batch: the ranks differ, and together they
+    are the single-process batch (DDP with B per rank trains on the samples of one process with 2B)."""
+    sampler = OfflineSampler(pendulum, BatchFormat(kind, context_len=4 if kind == "windows" else None))
+    whole = stream_rows(sampler, seed=0)
+    halves = [stream_rows(sampler, seed=0, batch_size=32, rank=r, world_size=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == whole
+    assert all(a != b for a, b in zip(*halves))
 
 
 def test_sampling_leaves_the_global_rng_alone(pendulum: Transitions) -> None:
@@ -249,10 +261,10 @@ def test_sampling_leaves_the_global_rng_alone(pendulum: Transitions) -> None:
 
 
 def test_train_dataloader_serves_the_rank_zero_stream(pendulum_id: str) -> None:
-    """Without a trainer the DataModule serves BatchStream(seed, rank 0, from update 0), and iterating its
+    """Without a trainer the DataModule serves BatchStream(seed, from update 0), and iterating its
     DataLoader leaves the global RNG alone (a fresh iterator each epoch must not shift the algorithms' noise)."""
     dm = OfflineDataModule(pendulum_id, batch_size=32, seed=5)
-    expected = [b.observations for b in islice(iter(BatchStream(dm.sampler(), 32, 10, seed=5, rank=0, start=lambda: 0)), 3)]
+    expected = [b.observations for b in islice(iter(BatchStream(dm.sampler(), 32, 10, seed=5, start=lambda: 0)), 3)]
     torch.manual_seed(0)
     before = torch.get_rng_state()
     got = [b.observations for b in islice(iter(dm.train_dataloader()), 3)]

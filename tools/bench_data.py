@@ -99,7 +99,7 @@ def main() -> None:
     ours_t = median_ms(lambda: data.sample_transitions(256, g), args.batches)
     ours_w = median_ms(lambda: data.sample_windows(64, 20, g), args.batches)
     # The same sampler as the DataModule serves it to Lightning (IterableDataset through a DataLoader).
-    stream = iter(torch.utils.data.DataLoader(BatchStream(OfflineSampler(data, BatchFormat()), 256, 10**9, 0, 0, lambda: 0), batch_size=None))
+    stream = iter(torch.utils.data.DataLoader(BatchStream(OfflineSampler(data, BatchFormat()), 256, 10**9, 0, lambda: 0), batch_size=None))
     ours_loader = median_ms(lambda: next(stream), args.batches)
 
     # Baseline 1: DataLoader over the HF dataset in torch format (what a user writes first).

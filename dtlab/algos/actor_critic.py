@@ -101,6 +101,7 @@ class ActorCriticModule(OfflineRLModule):
         progress.increment_ready()
         progress.increment_completed()
         # Log only on the updates the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
+        # Under DDP each metric is the mean over processes.
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
         return metrics

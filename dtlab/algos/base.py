@@ -52,6 +52,13 @@ class OfflineRLModule(L.LightningModule):
         """What the DataModule serves this model: transition batches unless a subclass says otherwise."""
         return BatchFormat()
 
+    def mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` averaged over the processes of a DDP run (itself in one process or outside a trainer)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return value
+        return trainer.strategy.reduce(value, reduce_op="mean")
+
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         return self.policy.normalize(observations)
 

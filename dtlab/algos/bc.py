@@ -47,7 +47,7 @@ class BC(OfflineRLModule):
 
     def training_step(self, batch: TransitionBatch, batch_idx: int) -> torch.Tensor:
         loss = self.bc_loss(batch)
-        self.log("train/bc_loss", loss, prog_bar=True)
+        self.log("train/bc_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -197,18 +197,21 @@ class DecisionTransformer(OfflineRLModule):
                 layer.reset_parameters()
 
     def dt_loss(self, batch: WindowBatch) -> torch.Tensor:
-        """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps."""
+        """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps.
+
+        The sum is divided by the mean count of real steps per process, so under DDP (where gradients are
+        averaged over processes) the gradient is the masked mean's over the global batch, as in one process."""
         preds = self.policy(batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.mask)
         mask = batch.mask.float()
         if self.spec.discrete:
             per_step = F.cross_entropy(preds.flatten(0, 1), batch.actions.flatten(), reduction="none").view_as(mask)
         else:
             per_step = ((preds - batch.actions) ** 2).mean(-1)
-        return (per_step * mask).sum() / mask.sum().clamp(min=1)
+        return (per_step * mask).sum() / self.mean_over_processes(mask.sum()).clamp(min=1)
 
     def training_step(self, batch: WindowBatch, batch_idx: int) -> torch.Tensor:
         loss = self.dt_loss(batch)
-        self.log("train/dt_loss", loss, prog_bar=True)
+        self.log("train/dt_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

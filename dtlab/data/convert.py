@@ -414,24 +414,51 @@ def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.nd
             columns[c].append(a + first_episode if c == "episode_ids" else a)
         first_episode += spec.num_episodes
     mixed = {c: np.concatenate(v) for c, v in columns.items()}
-    returns = np.bincount(mixed["episode_ids"], weights=mixed["rewards"])
-    obs = mixed["observations"]
-    spec = dataclasses.replace(
+    spec = with_statistics(
         specs[0],
+        mixed,
         dataset_id=MIX_SEPARATOR.join(ids),
-        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
-        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
-        num_episodes=len(returns),
-        num_transitions=len(obs),
         max_episode_steps=max(s.max_episode_steps for s in specs),
-        return_min=float(returns.min()),
-        return_max=float(returns.max()),
-        return_mean=float(returns.mean()),
         ref_min_score=next((s.ref_min_score for s in specs if s.ref_min_score is not None), None),
         ref_max_score=next((s.ref_max_score for s in specs if s.ref_max_score is not None), None),
         fingerprint=MIX_SEPARATOR.join(s.fingerprint for s in specs),
     )
     return {c: mixed[c] for c in names}, spec
+
+
+def with_statistics(spec: DatasetSpec, columns: dict[str, np.ndarray], **changes: Any) -> DatasetSpec:
+    """`spec` with the observation statistics, counts and return range of `columns` (episode_ids numbered
+    0..E-1, observations, rewards), and `changes`."""
+    returns = np.bincount(columns["episode_ids"], weights=columns["rewards"])
+    obs = columns["observations"]
+    return dataclasses.replace(
+        spec,
+        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
+        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
+        num_episodes=len(returns),
+        num_transitions=len(obs),
+        return_min=float(returns.min()),
+        return_max=float(returns.max()),
+        return_mean=float(returns.mean()),
+        **changes,
+    )
+
+
+def episode_subset(columns: dict[str, np.ndarray], spec: DatasetSpec, fraction: float, seed: int) -> tuple[dict[str, np.ndarray], DatasetSpec]:
+    """A seeded random `fraction` of the episodes (at least one), in their order and renumbered 0..n-1, with
+    the spec's statistics recomputed over them (for data-scaling studies). The timestep range
+    (max_episode_steps) stays the full dataset's, so models keep their size across fractions."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.fraction must be in (0, 1], got {fraction}.")
+    if fraction == 1.0:
+        return columns, spec
+    episode_ids = columns["episode_ids"]
+    n = int(episode_ids.max()) + 1
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(fraction * n)), replace=False))
+    rows = np.isin(episode_ids, keep)
+    subset = {c: np.asarray(v)[rows] for c, v in columns.items()}
+    subset["episode_ids"] = np.searchsorted(keep, subset["episode_ids"]).astype(episode_ids.dtype)
+    return subset, with_statistics(spec, subset, fingerprint=f"{spec.fingerprint}@{fraction:g}/{seed}")
 
 
 def _check_mixable(dataset_id: str, specs: list[DatasetSpec]) -> None:

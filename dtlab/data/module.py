@@ -3,7 +3,9 @@
 The model states what it trains on with a `BatchFormat` (dtlab.data.samplers); the DataModule turns it
 into a `Sampler` over in-memory or memory-mapped tensors and serves one batch per update. Batch k of
 rank r is drawn from a generator seeded by (seed, r, k): the stream is a pure function of the update
-count, so runs repeat, ranks differ, and a resumed run (from any update) continues the same stream.
+count, so runs repeat, and a resumed run (from any update) continues the same stream. Under DDP every rank draws
+the same global batch of batch_size × world size and keeps its own rows: N processes with batch B train
+on exactly the samples of one process with batch N·B (tests/test_contract.py checks the parameters).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
-from dtlab.data.convert import load_columns
+from dtlab.data.convert import episode_subset, load_columns
 from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions
 from dtlab.spec import DatasetError, DatasetSpec
 
@@ -59,20 +61,25 @@ def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: boo
 
 
 class BatchStream(IterableDataset):
-    """Endless batches from `sampler`, batch k seeded by (seed, rank, k), starting at update `start()`.
+    """Endless batches from `sampler` starting at update `start()`: at update k, rows [rank·B, (rank+1)·B)
+    of the global batch of B × world_size seeded by (seed, k).
 
     `__len__` is one epoch (`steps` batches) so progress bars know it; Lightning stops each epoch after
     that many batches and starts a new iterator at the next update, also after a resume mid-epoch."""
 
-    def __init__(self, sampler: Sampler, batch_size: int, steps: int, seed: int, rank: int, start: Callable[[], int]) -> None:
-        self.sampler, self.batch_size, self.steps, self.seed, self.rank, self.start = sampler, batch_size, steps, seed, rank, start
+    def __init__(self, sampler: Sampler, batch_size: int, steps: int, seed: int, start: Callable[[], int], rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size} processes.")
+        self.sampler, self.batch_size, self.steps, self.seed, self.start = sampler, batch_size, steps, seed, start
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.steps
 
     def batch(self, update: int) -> Batch:
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, update))
-        return self.sampler.sample(self.batch_size, generator)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, update))
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return self.sampler.sample(self.batch_size * self.world_size, generator, rows)
 
     def __iter__(self) -> Iterator[Batch]:
         update = self.start()
@@ -91,10 +98,12 @@ class OfflineDataModule(L.LightningDataModule):
         batch_size: samples per update on each process (transitions, or windows for sequence models);
             under DDP the global batch is batch_size × world size.
         steps_per_epoch: updates per training epoch (evaluation and checkpoints happen at epoch ends).
-        seed: seeds the batch stream (with the rank and the update number).
+        seed: seeds the batch stream (with the update number; ranks take their rows of one global batch).
         in_memory: copy the data into RAM (fastest); False indexes the memory-mapped Arrow file.
         clip_actions: clip the data's actions into the action space. By default actions outside it are
             refused (the error names the first one): a policy cannot learn to act where the env cannot.
+        fraction: train on a random fraction of the episodes, chosen by `seed` (data-scaling studies;
+            `dtlab scale --fractions`); observation statistics are recomputed over them.
     """
 
     def __init__(
@@ -105,14 +114,17 @@ class OfflineDataModule(L.LightningDataModule):
         seed: int = 0,
         in_memory: bool = True,
         clip_actions: bool = False,
+        fraction: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
             if value < 1:  # the CLI refuses these at parse time; this guards the Python API
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"data.fraction must be in (0, 1] (the share of episodes to train on), got {fraction}.")
         self.save_hyperparameters()
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
-        self.seed, self.in_memory, self.clip_actions = seed, in_memory, clip_actions
+        self.seed, self.in_memory, self.clip_actions, self.fraction = seed, in_memory, clip_actions, fraction
         self._transitions: Transitions | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -123,7 +135,7 @@ class OfflineDataModule(L.LightningDataModule):
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({"global_batch_size": self.hparams["global_batch_size"]})
         if self._transitions is None:
-            columns, spec = load_columns(self.dataset_id, COLUMNS)
+            columns, spec = episode_subset(*load_columns(self.dataset_id, COLUMNS), self.fraction, self.seed)
             columns["actions"] = checked_actions(columns, spec, self.clip_actions)
             self._transitions = Transitions(columns, spec, self.in_memory)
 
@@ -146,9 +158,11 @@ class OfflineDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        rank = trainer.global_rank if trainer is not None else 0
-        start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
-        stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, rank, start)
+        if trainer is None:
+            stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, lambda: 0)
+        else:
+            start = lambda: trainer.global_step  # noqa: E731
+            stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, start, trainer.global_rank, trainer.world_size)
         # A generator of its own: each new iterator (every epoch, and on resume) would otherwise draw a
         # seed from the global torch RNG that the algorithms' sampling uses.
         return DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator())

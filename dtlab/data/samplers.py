@@ -76,8 +76,11 @@ class BatchFormat:
 class Sampler(Protocol):
     """Anything the DataModule can draw training batches from."""
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        """One batch of `batch_size` items drawn with `generator` (and nothing else random)."""
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
+        """Rows `rows` of one batch of `batch_size` items drawn with `generator` (and nothing else random).
+
+        Every process of a DDP run draws the same global batch and keeps its own rows, gathering only
+        those: N processes with batch B then train on exactly the samples of one process with batch N·B."""
         ...
 
 
@@ -126,9 +129,10 @@ class Transitions:
             self._discounted[gamma] = padded[episode, step].float()
         return self._discounted[gamma]
 
-    def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None) -> TransitionBatch:
-        """A uniform batch of (s, a, r, s', terminal); `mc_returns` too when `gamma` is given."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
+    def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None, rows: slice = slice(None)) -> TransitionBatch:
+        """Rows `rows` of a uniform batch of (s, a, r, s', terminal); `mc_returns` too when `gamma` is given."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator)[rows]
+        batch_size = len(idx)
         if self._packed is not None:
             rows = self._packed.index_select(0, idx).split(self._widths, dim=1)
             batch = {k: v.squeeze(1) if k in ("rewards", "terminals") else v for k, v in zip(TRANSITION_KEYS, rows)}
@@ -141,15 +145,17 @@ class Transitions:
             batch["mc_returns"] = self.discounted_returns(gamma)[idx]
         return TransitionBatch(**batch)
 
-    def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator) -> WindowBatch:
-        """A batch of DT windows (B, K, ...), left-padded, episodes drawn in proportion to their length.
+    def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator, rows: slice = slice(None)) -> WindowBatch:
+        """Rows `rows` of a batch of DT windows (B, K, ...), left-padded, episodes drawn in proportion to their length.
 
         A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
         (near the episode's end) are left-padded so the newest step is always at position K-1.
         """
         episodes = torch.multinomial(self.episode_lengths.float(), batch_size, replacement=True, generator=generator)
+        u = torch.rand(batch_size, generator=generator)
+        episodes, u = episodes[rows], u[rows]  # this process's rows of the global batch
         lengths = self.episode_lengths[episodes]
-        start = (torch.rand(batch_size, generator=generator) * lengths).long()  # uniform in [0, len)
+        start = (u * lengths).long()  # uniform in [0, len)
         n_valid = torch.clamp(lengths - start, max=context_len)  # (B,)
         offset = torch.arange(context_len) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
         mask = offset >= 0
@@ -178,7 +184,7 @@ class OfflineSampler:
     data: Transitions
     format: BatchFormat
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
         if self.format.kind == "windows":
-            return self.data.sample_windows(batch_size, self.format.context_len, generator)
-        return self.data.sample_transitions(batch_size, generator, self.format.mc_return_gamma)
+            return self.data.sample_windows(batch_size, self.format.context_len, generator, rows)
+        return self.data.sample_transitions(batch_size, generator, self.format.mc_return_gamma, rows)
