@@ -128,8 +128,8 @@ class EnvEvaluation(Callback):
         gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(n_targets, len(seeds)).T)
         returns = gathered.compute().reshape(-1, n_targets).T.cpu().numpy()  # (targets, episodes)
         spec = pl_module.spec
-        for name, value in eval_metrics(returns, targets, spec).items():  # identical on every rank: no further reduction
-            pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"))
+        for name, value in eval_metrics(returns, targets, spec).items():  # identical on every rank (the mean over ranks is itself)
+            pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"), sync_dist=True)
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if targets is not None and trainer.is_global_zero and log_dir is not None:
             title = f"{spec.dataset_id}, update {trainer.global_step}"
@@ -202,7 +202,7 @@ class RunReport(Callback):
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        self.peak_memory_mb = float(pl_module.all_gather(torch.tensor(peak, dtype=torch.float64, device=pl_module.device)).max())
+        self.peak_memory_mb = float(trainer.strategy.reduce(torch.tensor(peak, dtype=torch.float64, device=pl_module.device), reduce_op="max"))
 
     def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, seconds: float, history: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
         """The run_summary.json record (see the class docstring)."""

@@ -283,3 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"dtlab: error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m dtlab.cli (torchrun -m dtlab.cli fit ...)
+    main()

@@ -424,7 +424,7 @@ def scale(
         threads: CPU threads per process (OMP_NUM_THREADS); null leaves the default.
         eval_episodes: evaluation episodes at the end of each cell (0: none; needs the environment).
         loss: the training metric plotted as the loss (default: dt_loss, bc_loss or actor_loss).
-        fit_args: more `dtlab fit` options for every cell, e.g. '[--data.dataset_id, halfcheetah/medium-v0]'.
+        fit_args: more `dtlab fit` options for every cell (before the grid's own), e.g. '[--data.dataset_id, halfcheetah/medium-v0]'.
     """
     import yaml
 

@@ -56,8 +56,9 @@ class Cell:
         size = "_".join(f"{k}-{short(v)}" for k, v in sorted(self.size.items())) or "default"
         return f"d{self.devices}_{size}_b{self.batch_size}_f{self.fraction:g}_s{self.seed}"
 
-    def fit_args(self, config: str, updates: int, accelerator: str, eval_episodes: int, runs_dir: Path) -> list[str]:
-        args = ["fit", "-c", config, "--seed_everything", str(self.seed), "--data.seed", str(self.seed)]
+    def fit_args(self, updates: int, accelerator: str, eval_episodes: int, runs_dir: Path) -> list[str]:
+        """The cell's `dtlab fit` options (they come last: the grid's axes win over the config and --fit_args)."""
+        args = ["--seed_everything", str(self.seed), "--data.seed", str(self.seed)]
         args += ["--trainer.max_steps", str(updates), "--data.steps_per_epoch", str(updates)]  # one epoch, evaluated once at the end
         args += ["--trainer.log_every_n_steps", str(max(1, updates // 50))]  # the final loss averages the last tenth
         args += ["--data.batch_size", str(self.batch_size), "--data.fraction", str(self.fraction)]
@@ -90,8 +91,8 @@ def run_cell(
     env = dict(os.environ)
     if threads is not None:  # threads per process: CPU "devices" are processes of `threads` cores each
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    threads_arg = ["--torch_threads", str(threads or 0)]
-    command = dtlab_command() + cell.fit_args(config, updates, accelerator, eval_episodes, runs_dir) + threads_arg + list(fit_args)
+    command = [*dtlab_command(), "fit", "-c", config, *fit_args, *cell.fit_args(updates, accelerator, eval_episodes, runs_dir)]
+    command += ["--torch_threads", str(threads or 0)]
     row: dict[str, Any] = {"cell": cell.name, "devices": cell.devices, "size": json.dumps(cell.size), "batch_size": cell.batch_size}
     row |= {"fraction": cell.fraction, "seed": cell.seed}
     with open(log, "w") as f:

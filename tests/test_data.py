@@ -147,7 +147,15 @@ def test_datamodule_defaults_and_the_smallest_valid_sizes(pendulum_id) -> None:
     import inspect
 
     defaults = {n: p.default for n, p in inspect.signature(OfflineDataModule.__init__).parameters.items() if n != "self"}
-    assert defaults == {"dataset_id": "pendulum/mixed-v0", "batch_size": 256, "steps_per_epoch": 1000, "seed": 0, "in_memory": True, "clip_actions": False}
+    assert defaults == {
+        "dataset_id": "pendulum/mixed-v0",
+        "batch_size": 256,
+        "steps_per_epoch": 1000,
+        "seed": 0,
+        "in_memory": None,
+        "clip_actions": False,
+        "fraction": 1.0,
+    }
     dm = OfflineDataModule(pendulum_id, batch_size=1, steps_per_epoch=1)
     assert dm.batch_size == 1 and dm.steps_per_epoch == 1
     assert len(dm.transitions) == 6000 and dm.spec["dataset_id"] == pendulum_id  # properties, loading on first use
@@ -214,3 +222,18 @@ def test_a_fraction_of_the_episodes_is_a_seeded_subset_with_its_own_statistics(p
     assert {round(float(r), 3) for r in part_returns} <= full_returns
     with pytest.raises(ValueError, match=r"data.fraction must be in \(0, 1\]"):
         OfflineDataModule(pendulum_id, fraction=0.0)
+
+
+def test_processes_of_a_ddp_run_share_the_memory_mapped_file_by_default(pendulum_id) -> None:
+    """in_memory null: one process packs the data in RAM; under DDP each process indexes the memory-mapped
+    cache (one copy in the page cache per node). Both serve the same batches."""
+    from types import SimpleNamespace
+
+    single, ddp = OfflineDataModule(pendulum_id), OfflineDataModule(pendulum_id)
+    ddp.trainer = SimpleNamespace(world_size=2, loggers=[], lightning_module=None)
+    ddp.setup("fit")
+    assert single.transitions._packed is not None and ddp.transitions._packed is None
+    assert not ddp.transitions.columns["observations"].numpy().flags.owndata, "a view of the mapped file, not a copy"
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(single.transitions.sample_transitions(32, generator()).observations, ddp.transitions.sample_transitions(32, generator()).observations)
+    assert ddp.hparams["global_batch_size"] == 2 * ddp.batch_size

@@ -21,7 +21,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
-from dtlab.data.convert import episode_subset, load_columns
+from dtlab.data.convert import MIX_SEPARATOR, episode_subset, load_columns, load_trajectories
 from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions
 from dtlab.spec import DatasetError, DatasetSpec
 
@@ -99,7 +99,9 @@ class OfflineDataModule(L.LightningDataModule):
             under DDP the global batch is batch_size × world size.
         steps_per_epoch: updates per training epoch (evaluation and checkpoints happen at epoch ends).
         seed: seeds the batch stream (with the update number; ranks take their rows of one global batch).
-        in_memory: copy the data into RAM (fastest); False indexes the memory-mapped Arrow file.
+        in_memory: copy the data into RAM (fastest sampling); False indexes the memory-mapped Arrow file.
+            Default (null): in RAM in one process; memory-mapped under DDP, so the processes of a node
+            share one copy in the page cache instead of holding one each.
         clip_actions: clip the data's actions into the action space. By default actions outside it are
             refused (the error names the first one): a policy cannot learn to act where the env cannot.
         fraction: train on a random fraction of the episodes, chosen by `seed` (data-scaling studies;
@@ -112,7 +114,7 @@ class OfflineDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 256,
         steps_per_epoch: PositiveInt = 1000,
         seed: int = 0,
-        in_memory: bool = True,
+        in_memory: bool | None = None,
         clip_actions: bool = False,
         fraction: float = 1.0,
     ) -> None:
@@ -127,6 +129,12 @@ class OfflineDataModule(L.LightningDataModule):
         self.seed, self.in_memory, self.clip_actions, self.fraction = seed, in_memory, clip_actions, fraction
         self._transitions: Transitions | None = None
 
+    def prepare_data(self) -> None:
+        """Convert the dataset to the Arrow cache, once per node (Lightning calls this on local rank 0 only;
+        a file lock also serialises concurrent jobs)."""
+        for part in self.dataset_id.split(MIX_SEPARATOR):
+            load_trajectories(part.strip())
+
     def setup(self, stage: str | None = None) -> None:
         """Load the dataset (validated and converted to the Arrow cache on first use), once; under a trainer,
         record the global batch (batch_size is per process) in the run's hyperparameters."""
@@ -137,7 +145,8 @@ class OfflineDataModule(L.LightningDataModule):
         if self._transitions is None:
             columns, spec = episode_subset(*load_columns(self.dataset_id, COLUMNS), self.fraction, self.seed)
             columns["actions"] = checked_actions(columns, spec, self.clip_actions)
-            self._transitions = Transitions(columns, spec, self.in_memory)
+            in_memory = self.in_memory if self.in_memory is not None else self.trainer is None or self.trainer.world_size == 1
+            self._transitions = Transitions(columns, spec, in_memory)
 
     @property
     def transitions(self) -> Transitions:
