@@ -102,7 +102,7 @@ class DTLabCLI(LightningCLI):
             "--pretrained",
             type=str | None,
             default=None,
-            help="Warm-start from a model folder or Hub repo id of the same algorithm, sizes and spaces (dtlab save / push): "
+            help="Warm-start from a checkpoint (.ckpt), a model folder or a Hub repo id of the same algorithm, sizes and spaces: "
             "fine-tune it on this config's data.",
         )
         parser.add_argument(

@@ -153,9 +153,14 @@ def load_model(source: str | Path) -> OfflineRLModule:
 
 
 def warm_start(model: OfflineRLModule, source: str | Path) -> None:
-    """Start `model` from a saved or pushed model of the same algorithm, sizes and spaces: every tensor is copied,
-    the observation statistics included (the networks were trained on inputs standardised by them)."""
-    pretrained = from_pretrained(source, expected=type(model))
+    """Start `model` from a checkpoint, a saved or a pushed model of the same algorithm, sizes and spaces: every
+    tensor is copied, the observation statistics included (the networks were trained on inputs standardised by them)."""
+    if Path(source).suffix == ".ckpt" or Path(source).is_file():
+        pretrained = load_model(source)
+        if type(pretrained) is not type(model):
+            raise CheckpointError(f"Pretrained checkpoint {source} holds a {type(pretrained).__name__}, not a {type(model).__name__}: use its config.")
+    else:
+        pretrained = from_pretrained(source, expected=type(model))
     pretrained.spec.check_compatible(model.spec, f"Pretrained model {source}")
     try:
         model.load_state_dict(pretrained.state_dict(), strict=True)

@@ -79,7 +79,7 @@ class BatchStream(IterableDataset):
     def batch(self, update: int) -> Batch:
         generator = torch.Generator().manual_seed(stream_seed(self.seed, update))
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return self.sampler.sample(self.batch_size * self.world_size, generator, rows)
+        return self.sampler.sample(self.batch_size * self.world_size, generator, rows, update)
 
     def __iter__(self) -> Iterator[Batch]:
         update = self.start()
@@ -128,6 +128,7 @@ class OfflineDataModule(L.LightningDataModule):
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
         self.seed, self.in_memory, self.clip_actions, self.fraction = seed, in_memory, clip_actions, fraction
         self._transitions: Transitions | None = None
+        self.mix_online: Callable[[OfflineSampler], Sampler] | None = None
 
     def prepare_data(self) -> None:
         """Convert the dataset to the Arrow cache, once per node (Lightning calls this on local rank 0 only;
@@ -163,7 +164,10 @@ class OfflineDataModule(L.LightningDataModule):
         return model.batch_format if model is not None else BatchFormat()
 
     def sampler(self) -> Sampler:
-        return OfflineSampler(self.transitions, self.batch_format())
+        """The offline sampler, or during an online phase (dtlab.online.OnlineFinetuning sets `mix_online`)
+        the balanced replay of offline and online data built around it."""
+        offline = OfflineSampler(self.transitions, self.batch_format())
+        return offline if self.mix_online is None else self.mix_online(offline)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

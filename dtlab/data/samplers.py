@@ -76,8 +76,9 @@ class BatchFormat:
 class Sampler(Protocol):
     """Anything the DataModule can draw training batches from."""
 
-    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
-        """Rows `rows` of one batch of `batch_size` items drawn with `generator` (and nothing else random).
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None), update: int = 0) -> Batch:
+        """Rows `rows` of one batch of `batch_size` items drawn with `generator` (and nothing else random),
+        for update number `update` (a sampler over growing data uses it to fix what the batch may see).
 
         Every process of a DDP run draws the same global batch and keeps its own rows, gathering only
         those: N processes with batch B then train on exactly the samples of one process with batch N·B."""
@@ -184,7 +185,7 @@ class OfflineSampler:
     data: Transitions
     format: BatchFormat
 
-    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None), update: int = 0) -> Batch:
         if self.format.kind == "windows":
             return self.data.sample_windows(batch_size, self.format.context_len, generator, rows)
         return self.data.sample_transitions(batch_size, generator, self.format.mc_return_gamma, rows)

@@ -1,0 +1,174 @@
+"""Offline-to-online fine-tuning: the replay buffer, balanced replay, the collector, exact resume, failures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from dtlab.checkpoints import read_checkpoint
+from dtlab.cli import run_cli
+from dtlab.data.module import OfflineDataModule
+from dtlab.data.replay import MixedSampler, ReplayBuffer
+from dtlab.data.samplers import BatchFormat, OfflineSampler
+
+CONF = Path(__file__).parents[1] / "conf"
+TINY_IQL = [
+    "--model.init_args.actor_hidden_dims",
+    "[16, 16]",
+    "--model.init_args.critic_hidden_dims",
+    "[16, 16]",
+    "--model.init_args.value_hidden_dims",
+    "[16, 16]",
+]
+
+
+@pytest.fixture
+def inverted_pendulum_id(isolated_data) -> str:
+    """20 random-action InvertedPendulum-v5 episodes: continuous actions, episodes that end by termination."""
+    from dtlab.data.convert import dataset_dir
+    from dtlab.data.recording import PolicyAgent, random_policy, record_dataset
+
+    dataset_id = "test/invertedpendulum-v0"
+    if not dataset_dir(dataset_id).exists():
+        env = gym.make("InvertedPendulum-v5")
+        env.action_space.seed(0)
+        record_dataset(dataset_id, "InvertedPendulum-v5", lambda i: PolicyAgent(random_policy(env)), 20, seed=0, ref_min_score=0.0, ref_max_score=1000.0)
+    return dataset_id
+
+
+def filled_buffer(gamma: float | None = 0.5) -> ReplayBuffer:
+    """Two environments interleaved: env 0's episode terminates after 3 steps, env 1's is truncated after 2;
+    env 0 then starts another. Rewards are the row numbers + 1; observations carry the row number."""
+    buffer = ReplayBuffer(capacity=10, obs_dim=1, act_dim=1, discrete=False, num_envs=2, gamma=gamma)
+    steps = [(0, False, False), (1, False, False), (0, False, False), (1, False, True), (0, True, False), (0, False, False)]
+    for row, (env, terminated, truncated) in enumerate(steps):
+        buffer.add(env, np.array([row]), np.array([0.1]), row + 1.0, np.array([row + 100]), terminated, truncated)
+    return buffer
+
+
+def test_the_buffer_keeps_terminations_and_truncations_apart_and_fills_returns_at_episode_end():
+    buffer = filled_buffer()
+    d = buffer.data
+    assert len(buffer) == 6
+    assert d["terminals"][:6].tolist() == [0, 0, 0, 0, 1, 0] and d["timeouts"][:6].tolist() == [0, 0, 0, 1, 0, 0]
+    # env 0's episode: rows 0, 2, 4 with rewards 1, 3, 5; env 1's: rows 1, 3 with rewards 2, 4 (γ = 0.5)
+    mc = d["mc_returns"][:6].tolist()
+    assert mc[0] == pytest.approx(1 + 0.5 * 3 + 0.25 * 5) and mc[2] == pytest.approx(3 + 0.5 * 5) and mc[4] == pytest.approx(5)
+    assert mc[1] == pytest.approx(2 + 0.5 * 4) and mc[3] == pytest.approx(4)
+    assert mc[5] == -math.inf, "an episode still running has no return yet"
+    assert d["episode_end"][:5].tolist() == [5, 4, 5, 4, 5]
+    # a batch that could see only 4 rows does not see env 0's end (row 4): no bound for its rows
+    seen = buffer.batch(torch.tensor([0, 1, 2, 3]), visible=4)
+    assert seen.mc_returns.tolist()[1::2] == pytest.approx([4.0, 4.0]) and seen.mc_returns.tolist()[0::2] == [-math.inf, -math.inf]
+    assert seen.observations[:, 0].tolist() == [0, 1, 2, 3] and seen.next_observations[:, 0].tolist() == [100, 101, 102, 103]
+    with pytest.raises(RuntimeError, match="replay buffer is full"):
+        for _ in range(5):
+            buffer.add(1, np.array([0]), np.array([0.0]), 0.0, np.array([0]), False, False)
+
+
+def test_buffer_state_round_trips_and_refuses_a_larger_one():
+    buffer = filled_buffer()
+    copy = ReplayBuffer(capacity=10, obs_dim=1, act_dim=1, discrete=False, num_envs=2, gamma=0.5)
+    copy.load_state_dict(buffer.state_dict())
+    assert len(copy) == 6 and copy.open_rows == buffer.open_rows == [[5], []]
+    for key in buffer.data:
+        assert torch.equal(copy.data[key][:6], buffer.data[key][:6])
+    with pytest.raises(ValueError, match="more than this run's capacity 3"):
+        ReplayBuffer(capacity=3, obs_dim=1, act_dim=1, discrete=False, num_envs=2).load_state_dict(buffer.state_dict())
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_balanced_replay_mixes_the_stated_share_from_the_rows_batch_k_may_see(pendulum_id, ratio):
+    offline = OfflineSampler(OfflineDataModule(pendulum_id).transitions, BatchFormat(mc_return_gamma=0.5))
+    buffer = ReplayBuffer(capacity=100, obs_dim=3, act_dim=1, discrete=False, num_envs=1, gamma=0.5)
+    for row in range(100):  # online observations are tagged 1000 + row (offline Pendulum observations lie in [-8, 8])
+        buffer.add(0, np.full(3, 1000.0 + row), np.array([0.0]), 0.0, np.zeros(3), False, row % 10 == 9)
+    sampler = MixedSampler(offline, buffer, ratio, visible=lambda update: 10 * update)
+    for update in (3, 7):
+        batch = sampler.sample(64, torch.Generator().manual_seed(update), update=update)
+        online = batch.observations[:, 0] >= 1000
+        assert len(batch.observations) == 64 and int(online.sum()) == round(ratio * 64)
+        assert (batch.observations[online, 0] < 1000 + 10 * update).all(), "only rows collected before the batch's update"
+        assert batch.mc_returns is not None and torch.isfinite(batch.mc_returns).all()
+    assert not (sampler.sample(64, torch.Generator(), update=0).observations[:, 0] >= 1000).any(), "nothing online yet: all offline"
+    # two processes: each takes its share of online rows and its own rows of the global offline batch
+    halves = [sampler.sample(64, torch.Generator().manual_seed(1), slice(32 * r, 32 * r + 32), update=5) for r in (0, 1)]
+    assert all(int((h.observations[:, 0] >= 1000).sum()) == round(ratio * 32) for h in halves)
+    off = [h.observations[h.observations[:, 0] < 1000] for h in halves]
+    if len(off[0]):
+        assert not torch.equal(off[0], off[1]), "the processes' offline rows differ"
+
+
+def finetune(dataset_id: str, runs: Path, *extra: str):
+    return run_cli(
+        ["fit", "-c", str(CONF / "finetune" / "iql.yaml"), *TINY_IQL, "--data.dataset_id", dataset_id, "--data.batch_size", "16"]
+        + ["--trainer.callbacks.init_args.warmup_steps", "20", "--trainer.callbacks.init_args.env_steps", "12"]
+        + ["--evaluation.episodes", "1", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"]
+        + ["--trainer.enable_model_summary", "false", "--runs_dir", str(runs), *extra]
+    )
+
+
+def buffer_of(checkpoint: Path) -> dict:
+    state = read_checkpoint(checkpoint)["callbacks"]
+    return next(v for k, v in state.items() if "OnlineFinetuning" in k)["buffer"]
+
+
+def test_online_phase_collects_deterministically_and_resumes_exactly(inverted_pendulum_id, tmp_path):
+    """A seeded online phase collects the same transitions twice; resumed from update 5 (env mid-episode,
+    the buffer half filled) it reaches the same parameters and the same buffer as the straight run."""
+    budget = ("--trainer.max_steps", "12", "--data.steps_per_epoch", "4")
+    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1")
+    every += ("--trainer.callbacks.filename", "at-{step}")
+    straight = finetune(inverted_pendulum_id, tmp_path / "a", *budget, *every)
+    finetune(inverted_pendulum_id, tmp_path / "b", *budget)
+    buffers = [buffer_of(next((tmp_path / run).rglob("last.ckpt"))) for run in ("a", "b")]
+    assert buffers[0]["size"] == 20 + 12
+    data = buffers[0]["data"]
+    assert data["terminals"].sum() >= 1 and data["timeouts"].sum() == 0, "InvertedPendulum falls (terminates), never times out here"
+    assert all(torch.equal(buffers[0]["data"][k], buffers[1]["data"][k]) for k in data)
+
+    resumed = finetune(inverted_pendulum_id, tmp_path / "c", *budget, "--ckpt_path", str(next((tmp_path / "a").rglob("at-step=5.ckpt"))))
+    assert resumed.trainer.global_step == 12
+    a, c = straight.model.state_dict(), resumed.model.state_dict()
+    assert not [k for k in a if not torch.equal(a[k], c[k])], "parameters differ after resuming the online phase"
+    resumed_buffer = buffer_of(next((tmp_path / "c").rglob("last.ckpt")))
+    assert all(torch.equal(resumed_buffer["data"][k], data[k]) for k in data), "the resumed run collected other data"
+
+    rows = _csv_rows(tmp_path / "a")
+    start = [r for r in rows if r.get("online/env_steps") == "0.0"]
+    assert start and start[0].get("eval/return"), "the starting policy is evaluated at env step 0"
+    assert any(r.get("online/episode_return") for r in rows)
+
+
+def _csv_rows(run: Path) -> list[dict]:
+    import csv
+
+    with open(next(run.rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_non_finite_observation_stops_the_run_and_names_the_last_good_checkpoint(inverted_pendulum_id, tmp_path, monkeypatch):
+    import dtlab.envs
+    from dtlab.online import OnlineError
+
+    make_env = dtlab.envs.make_env
+
+    class Broken(gym.Wrapper):
+        steps = 0
+
+        def step(self, action):
+            obs, *rest = self.env.step(action)
+            Broken.steps += 1
+            return (obs * np.nan if Broken.steps > 28 else obs), *rest
+
+    monkeypatch.setattr(dtlab.envs, "make_env", lambda spec, render_mode=None: Broken(make_env(spec, render_mode)))
+    # warm-up: env steps 1-20; update k collects step 21 + k: the 29th (online step 28) comes before update 8,
+    # just after the epoch-end checkpoint of update 8
+    with pytest.raises(OnlineError, match=r"non-finite observation at a step \(online step 28\).*last good checkpoint: .*last.ckpt"):
+        finetune(inverted_pendulum_id, tmp_path, "--trainer.max_steps", "12", "--data.steps_per_epoch", "4", "--checkpoint.save_top_k", "0")
+    assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 8
