@@ -64,6 +64,14 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def against_env_steps(run: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """An online run's metrics with updates mapped to environment steps (through its online/env_steps log)."""
+    updates, env_steps = run["online/env_steps"]
+    updates, env_steps = np.concatenate([[0.0], updates]), np.concatenate([[0.0], env_steps])  # nothing collected before
+    order = np.argsort(updates, kind="stable")
+    return {name: (np.interp(steps, updates[order], env_steps[order]), values) for name, (steps, values) in run.items() if name != "online/env_steps"}
+
+
 def find_metrics(runs: Sequence[str | Path]) -> dict[str, list[Path]]:
     """Run name -> its metrics.csv files. A run is runs/<name>/version_N; a folder of versions gives them
     all (seeds of one config); a metrics.csv file is taken as it is."""
@@ -86,13 +94,20 @@ def find_metrics(runs: Sequence[str | Path]) -> dict[str, list[Path]]:
 def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Path, title: str = "") -> Path:
     """PNG of learning curves: the evaluation score (eval/normalized_score where any run has it, else
     eval/return) and each train/* metric against updates, one line per group (name -> metrics.csv files);
-    a group of several runs is drawn as their mean with a ± std band over the updates they share."""
+    a group of several runs is drawn as their mean with a ± std band over the updates they share.
+    Online fine-tuning runs (every run logs online/env_steps) are drawn against environment steps, with the
+    return of the collected episodes as a panel; the offline policy's score sits at env step 0."""
     from matplotlib.figure import Figure
 
     data = {name: [read_metrics(f) for f in files] for name, files in groups.items()}
+    runs_flat = [run for runs in data.values() for run in runs]
+    online = bool(runs_flat) and all("online/env_steps" in run for run in runs_flat)
+    if online:
+        data = {name: [against_env_steps(run) for run in runs] for name, runs in data.items()}
     logged = {m for runs in data.values() for run in runs for m in run}
     score = "eval/normalized_score" if "eval/normalized_score" in logged else "eval/return"
-    panels = ([score] if score in logged else []) + sorted(m for m in logged if m.startswith("train/"))
+    collected = "online/normalized_score" if "online/normalized_score" in logged else "online/episode_return"
+    panels = [m for m in (score, collected) if m in logged] + sorted(m for m in logged if m.startswith("train/"))
     if not panels:
         raise ValueError(f"No evaluation or training metrics in {[str(f) for files in groups.values() for f in files]}.")
     cols = min(len(panels), 3)
@@ -115,7 +130,7 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
             ax.plot(steps, mean, color=color, label=f"{name} (mean of {len(curves)})")
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
         ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("updates")
+        ax.set_xlabel("environment steps (online)" if online else "updates")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)

@@ -224,6 +224,20 @@ def test_td3bc_actor_loss_value_and_gradient(alpha: float) -> None:
     assert_matches(model.actor.net[0].bias.grad, grad_b)
 
 
+def test_td3bc_bc_weight_anneals_to_td3() -> None:
+    """bc_anneal_updates N (TD3+BC → TD3 online): w_t = max(0, 1 − t/N) multiplies the BC term; None keeps 1."""
+    assert [make_td3bc(bc_anneal_updates=4)[0].bc_weight(t) for t in (0, 1, 2, 4, 9)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert make_td3bc()[0].bc_weight(10**6) == 1.0
+    model, nets = make_td3bc()
+    batch = toy_batch()
+    pi = torch.tanh(batch.observations.double() @ nets.actor.leaves()[0].T + nets.actor.leaves()[1]).detach()
+    q1 = nets.critic(batch.observations, pi)[0].detach()
+    bc = (pi - batch.actions.double()).pow(2).mean()
+    lmbda = 2.5 / q1.abs().mean()
+    for w in (0.0, 0.3):
+        assert_matches(model.actor_loss(batch, w)[0].detach(), -lmbda * q1.mean() + w * bc)
+
+
 @pytest.mark.parametrize("term", ["q", "bc"])
 def test_td3bc_actor_step_ascends_q_and_descends_bc(term: str) -> None:
     """One update on a delayed step moves the actor up Q₁ (BC term zero: a = π(s)), or, with α = 0,

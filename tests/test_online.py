@@ -172,3 +172,40 @@ def test_a_non_finite_observation_stops_the_run_and_names_the_last_good_checkpoi
     with pytest.raises(OnlineError, match=r"non-finite observation at a step \(online step 28\).*last good checkpoint: .*last.ckpt"):
         finetune(inverted_pendulum_id, tmp_path, "--trainer.max_steps", "12", "--data.steps_per_epoch", "4", "--checkpoint.save_top_k", "0")
     assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 8
+
+
+FINETUNE = sorted(p.name for p in (CONF / "finetune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", FINETUNE)
+def test_every_finetune_config_warm_starts_and_trains_online(config, inverted_pendulum_id, tmp_path):
+    """Each conf/finetune config: an offline run of the same algorithm, then its online phase from that
+    checkpoint (balanced replay, Cal-QL's online bounds included) for a few updates."""
+    from test_contract import TINY, class_name
+
+    tiny = [arg for key, value in TINY[class_name(config)].items() for arg in (f"--model.init_args.{key}", str(value).replace("'", '"'))]
+    common = ["--data.dataset_id", inverted_pendulum_id, "--data.batch_size", "16", "--evaluation.episodes", "1", "--trainer.enable_progress_bar", "false"]
+    common += ["--trainer.enable_model_summary", "false", *tiny]
+    offline = run_cli(["fit", "--model", class_name(config), *common, "--trainer.max_steps", "3", "--runs_dir", str(tmp_path / "offline")])
+    ckpt = next((tmp_path / "offline").rglob("last.ckpt"))
+    online = run_cli(
+        ["fit", "-c", str(CONF / "finetune" / config), *common, "--pretrained", str(ckpt), "--runs_dir", str(tmp_path / "online")]
+        + ["--trainer.max_steps", "6", "--data.steps_per_epoch", "3", "--trainer.callbacks.init_args.warmup_steps", "30"]
+        + ["--trainer.callbacks.init_args.env_steps", "6"]
+    )
+    assert online.trainer.global_step == 6 and type(online.model) is type(offline.model)
+    assert buffer_of(next((tmp_path / "online").rglob("last.ckpt")))["size"] == 36
+
+
+def test_online_runs_are_plotted_against_environment_steps(tmp_path):
+    """Updates map to env steps through the logged online/env_steps (0 before any update): the offline
+    score at update 0 sits at env step 0, later points at the steps collected by then."""
+    from dtlab.plots import against_env_steps, plot_learning_curves
+
+    run = {"online/env_steps": (np.array([1.0, 2.0, 3.0]), np.array([21.0, 22.0, 23.0])), "eval/return": (np.array([0.0, 3.0]), np.array([-5.0, -3.0]))}
+    mapped = against_env_steps(run)
+    assert set(mapped) == {"eval/return"} and mapped["eval/return"][0].tolist() == [0.0, 23.0]
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,epoch,online/env_steps,online/episode_return,eval/return,train/loss\n-1,,0,,-5,\n0,0,21,-7,,1.0\n1,0,22,,,0.5\n2,0,23,-4,-3,0.25\n")
+    out = plot_learning_curves({"run": [csv]}, tmp_path / "curve.png")
+    assert out.stat().st_size > 10_000

@@ -326,6 +326,7 @@ PAPER_DEFAULTS = {
         "policy_noise": 0.2,
         "noise_clip": 0.5,
         "policy_delay": 2,
+        "bc_anneal_updates": None,  # offline: the BC weight stays 1
         "reward_scale": 1.0,
         "normalize_reward": False,
         "compile": False,

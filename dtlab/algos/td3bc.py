@@ -41,6 +41,8 @@ class TD3BC(ActorCriticModule):
         policy_noise: std of the Gaussian noise on the target action (target policy smoothing), in the unit action box.
         noise_clip: the smoothing noise is clipped to ±noise_clip (unit box).
         policy_delay: critic updates per actor (and target) update.
+        bc_anneal_updates: online fine-tuning (TD3+BC → TD3): the BC term's weight falls linearly from 1 to 0
+            over this many updates, then TD3 remains. None (offline): the weight stays 1.
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
@@ -60,6 +62,7 @@ class TD3BC(ActorCriticModule):
         policy_noise: float = 0.2,
         noise_clip: float = 0.5,
         policy_delay: int = 2,
+        bc_anneal_updates: int | None = None,
         reward_scale: float = 1.0,
         normalize_reward: bool = False,
         compile: bool = False,
@@ -89,14 +92,19 @@ class TD3BC(ActorCriticModule):
         q = self.critic(batch.observations, batch.actions)  # (n, B)
         return (q - self.td_target(batch)).pow(2).mean(1).sum()
 
-    def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """−λ mean Q₁(s, π(s)) + mean (π(s) − a)²,  λ = α / mean|Q₁(s, π(s))| detached. Returns (loss, λ).
+    def bc_weight(self, step: int) -> float:
+        """w_t of the BC term: 1, or annealed linearly to 0 over `bc_anneal_updates` (TD3+BC → TD3 online)."""
+        anneal = self.hparams.bc_anneal_updates
+        return 1.0 if anneal is None else max(0.0, 1.0 - step / anneal)
+
+    def actor_loss(self, batch: Batch, bc_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """−λ mean Q₁(s, π(s)) + w mean (π(s) − a)²,  λ = α / mean|Q₁(s, π(s))| detached. Returns (loss, λ).
 
         Q is evaluated with detached critic weights: this loss moves the actor only."""
         pi = self.actor(batch.observations)
         q = self.critic(batch.observations, pi, detach_params=True, first=1)[0]
         lmbda = self.hparams.alpha / q.abs().mean().detach()
-        return -lmbda * q.mean() + F.mse_loss(pi, batch.actions), lmbda
+        return -lmbda * q.mean() + bc_weight * F.mse_loss(pi, batch.actions), lmbda
 
     # -- one update ------------------------------------------------------------------------------
 
@@ -112,7 +120,7 @@ class TD3BC(ActorCriticModule):
         critic_opt.step()
         metrics = {"critic_loss": critic_loss.detach()}
         if (step + 1) % self.hparams.policy_delay == 0:
-            actor_loss, lmbda = self.actor_loss(batch)
+            actor_loss, lmbda = self.actor_loss(batch, self.bc_weight(step))
             actor_opt.zero_grad(set_to_none=True)
             backward(actor_loss)
             actor_opt.step()
