@@ -31,6 +31,7 @@ from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, Exa
 from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
 from dtlab.commands import COMMANDS, UsageError
 from dtlab.data.module import OfflineDataModule
+from dtlab.online import OnlineError
 from dtlab.spec import DatasetError
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "base.yaml"
@@ -256,7 +257,7 @@ def shell_style(function: Callable, args: list[str]) -> list[str]:
     return out
 
 
-USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, UsageError)  # DatasetError covers SpecMismatchError
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, OnlineError, UsageError)  # DatasetError covers SpecMismatchError
 
 
 def main(argv: list[str] | None = None) -> None:
