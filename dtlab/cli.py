@@ -238,7 +238,8 @@ def run_command(argv: list[str]) -> Any:
     """`dtlab <command> ...` for the commands besides fit (dtlab.commands): jsonargparse over their signatures."""
     name = argv[0]
     args = shell_style(COMMANDS[name], argv[1:])
-    return auto_cli(COMMANDS[name], args=args, prog=f"dtlab {name}", formatter_class=HelpFormatter)
+    description = (inspect.getdoc(COMMANDS[name]) or "").split("\nArgs:")[0].strip()  # the whole text, examples included
+    return auto_cli(COMMANDS[name], args=args, prog=f"dtlab {name}", formatter_class=HelpFormatter, description=description)
 
 
 def shell_style(function: Callable, args: list[str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from dtlab.algos import ALGORITHMS
 from dtlab.callbacks import evaluate_returns
 from dtlab.checkpoints import CheckpointError, load_checkpoint
 from dtlab.cli import main, run_cli
+from dtlab.commands import COMMANDS
 
 CONF = Path(__file__).parents[1] / "conf"
 # conf/<algo>.yaml stands alone; conf/<task>/<algo>.yaml is composed over conf/<algo>.yaml.
@@ -82,7 +84,7 @@ def test_bc_learns_pendulum_and_checkpoint_stands_alone(pendulum_id, tmp_path):
         load_checkpoint(str(tmp_path / "foreign.ckpt"))
 
 
-@pytest.mark.parametrize("command", ["fit", "make-dataset", "evaluate", "plot"])
+@pytest.mark.parametrize("command", ["fit", *COMMANDS])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -91,6 +93,9 @@ def test_every_command_has_help(command, capsys):
     assert f"dtlab {command}" in out or "usage: dtlab" in out
     if command == "fit":
         assert all(name in out for name in ALGORITHMS)
+    else:  # the whole description, its examples included, not only the first line
+        description = inspect.getdoc(COMMANDS[command]).split("\nArgs:")[0].strip().splitlines()
+        assert description[-1].strip() in out
 
 
 def test_overview_lists_the_commands_and_refuses_unknown_ones(capsys):
