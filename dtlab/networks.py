@@ -117,6 +117,14 @@ class GaussianActor(nn.Module):
         return (mean + std * torch.randn_like(mean)).clamp(-1.0, 1.0)
 
 
+def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log π(tanh(u)) for u ~ N(mean, exp(log_std)²), summed over the last dimension:
+    log N(u; μ, σ) − Σ log(1 − tanh(u)²), the last term as 2(log 2 − u − softplus(−2u)) for stability."""
+    z = (u - mean) * torch.exp(-log_std)
+    log_prob = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+
 class TanhGaussianActor(nn.Module):
     """a = tanh(u), u ~ N(μ(s), σ(s)²): SAC's / CQL's policy, reparameterised, with the tanh log-det.
 
@@ -160,10 +168,7 @@ class TanhGaussianActor(nn.Module):
             mean, log_std = mean.unsqueeze(1).expand(-1, n_samples, -1), log_std.unsqueeze(1).expand(-1, n_samples, -1)
         noise = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
         u = mean + noise * log_std.exp()
-        # log N(u; μ, σ) - Σ log(1 - tanh(u)²), the last term as 2(log 2 - u - softplus(-2u)) for stability
-        log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-        return torch.tanh(u), log_prob
+        return torch.tanh(u), squashed_log_prob(u, mean, log_std)
 
     def act(self, observations: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
         """tanh(μ(s)), or a sample tanh(u), u ~ N(μ(s), σ(s)²)."""

@@ -291,6 +291,9 @@ def test_signature_defaults_are_the_papers() -> None:
         "cache_keep": None,
         "max_ep_len": None,
         "embedding_init": "torch",
+        "stochastic": False,  # the Online DT (Zheng et al. 2022) switches it on
+        "init_temperature": 0.1,  # ODT
+        "target_entropy": None,  # ODT: −act_dim
     }
     parameters = inspect.signature(DecisionTransformer.__init__).parameters
     assert {name: p.default for name, p in parameters.items() if name not in ("self", "spec")} == documented
@@ -351,3 +354,85 @@ def test_head_cache_and_weight_decay_follow_the_recipe(pendulum: OfflineDataModu
             continue
         matrix = name.endswith("weight") and p.dim() == 2 and "wte" not in name and "wpe" not in name and "embed_timestep" not in name
         assert (id(p) in decay) == matrix, f"{name}: weight decay only on Linear/Conv1D weight matrices"
+
+
+# -- the Online DT's stochastic policy ------------------------------------------------------------
+
+
+def test_stochastic_dt_loss_is_the_odt_objective(pendulum: OfflineDataModule) -> None:
+    """L = −mean log π(a) − λ̄ H + λ (H − β)‾ over real steps, with log π of a tanh-squashed Gaussian
+    (log N(atanh a) − Σ log(1 − a²), by torch.distributions' Normal), H = −log π of one reparameterised sample,
+    λ̄ and (H − β)‾ detached. The temperature's gradient is λ (H − β); the policy's has no temperature-loss
+    part. Catches a missing Jacobian term, a sign error, λ not detached in the policy loss, padding counted."""
+    from torch.distributions import Normal
+
+    model = tiny(pendulum.spec, stochastic=True, dropout=0.0).train()
+    b = WindowBatch(**windows(pendulum, batch=128))
+    assert (b.mask == 0).any(), "the batch has padding"
+    torch.manual_seed(3)
+    loss, metrics = model.odt_loss(b)
+    loss.backward()
+
+    hidden = model.policy.state_hidden(b.observations, b.actions, b.returns_to_go, b.timesteps, b.mask).detach()
+    mean, log_std = model.policy.distribution(hidden)
+    unit = model.policy.action_scaler.to_unit(b.actions).clamp(-1 + 1e-6, 1 - 1e-6)
+    real = b.mask.bool()
+    log_pi = Normal(mean, log_std.exp()).log_prob(torch.atanh(unit)).sum(-1) - torch.log1p(-unit.pow(2)).sum(-1)
+    log_likelihood = log_pi[real].mean()
+    torch.manual_seed(3)
+    u = mean + torch.randn_like(mean) * log_std.exp()
+    u64 = u.double()  # float64: tanh saturates to 1 in float32 for |u| > 9
+    entropy = -Normal(mean.double(), log_std.exp().double()).log_prob(u64).sum(-1)[real].mean() + torch.log1p(-torch.tanh(u64).pow(2)).sum(-1)[real].mean()
+    entropy = entropy.float()
+    torch.testing.assert_close(metrics["log_likelihood"], log_likelihood, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(metrics["entropy"], entropy, rtol=1e-4, atol=1e-3)
+    temperature = 0.1
+    beta = -float(model.act_dim)
+    torch.testing.assert_close(loss.detach(), -(log_likelihood + temperature * entropy) + temperature * (entropy - beta), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(model.log_temperature.grad, torch.tensor(temperature * (float(entropy) - beta)), rtol=1e-4, atol=1e-4)
+
+    # the policy's gradient is that of −(log-likelihood + λ H) alone
+    policy_grads = {n: p.grad.clone() for n, p in model.policy.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(3)
+    _, m = model.odt_loss(b)
+    hidden = model.policy.state_hidden(b.observations, b.actions, b.returns_to_go, b.timesteps, b.mask)
+    mean, log_std = model.policy.distribution(hidden)
+    torch.manual_seed(3)
+    u = mean + torch.randn_like(mean) * log_std.exp()
+    from dtlab.networks import squashed_log_prob
+
+    reference = -(squashed_log_prob(torch.atanh(unit), mean, log_std)[real].mean() - temperature * squashed_log_prob(u, mean, log_std)[real].mean())
+    reference.backward()
+    for name, p in model.policy.named_parameters():
+        if name in policy_grads:
+            torch.testing.assert_close(p.grad, policy_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stochastic_dt_trains_saves_and_acts_greedily_with_the_mean(pendulum_id: str, tmp_path) -> None:
+    cli = run_cli(
+        ["fit", "-c", "conf/dt.yaml", "--data.dataset_id", pendulum_id, "--model.init_args.stochastic", "true"]
+        + ["--model.init_args.embed_dim", "16", "--model.init_args.n_layer", "1", "--model.init_args.context_len", "4"]
+        + ["--model.init_args.eval_targets", "[-150]", "--data.batch_size", "16", "--trainer.max_steps", "4", "--data.steps_per_epoch", "4"]
+        + ["--evaluation.episodes", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--runs_dir", str(tmp_path)]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert {"train/log_likelihood", "train/entropy", "train/temperature"} <= set(metrics)
+    assert float(metrics["train/temperature"]) != pytest.approx(0.1, abs=1e-9), "the temperature is learned"
+    loaded = load_checkpoint(next(tmp_path.rglob("last.ckpt"))).eval()
+    assert loaded.hparams.stochastic and loaded.policy.log_std_head is not None
+    b = windows(OfflineDataModule(pendulum_id), context=4)
+    with torch.no_grad():
+        hidden = loaded.policy.state_hidden(b["observations"], b["actions"], b["returns_to_go"], b["timesteps"], b["mask"])
+        greedy = loaded.policy.action_scaler(torch.tanh(loaded.policy.distribution(hidden)[0]))
+    torch.testing.assert_close(predict(loaded, b), greedy)
+    with pytest.raises(ValueError, match="needs continuous actions"):
+        DecisionTransformer(_discrete_spec(), stochastic=True)
+
+
+def _discrete_spec() -> dict:
+    return dict(
+        dataset_id="unit/discrete", observation_dim=4, action_dim=2, discrete=True, action_low=None, action_high=None,
+        obs_mean=[0.0] * 4, obs_std=[1.0] * 4, num_episodes=1, num_transitions=10, max_episode_steps=10,
+        return_min=0.0, return_max=1.0, return_mean=0.5,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ At evaluation the first R̂ is the return we ask for; it is decremented by every
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,8 +27,11 @@ from transformers.pytorch_utils import Conv1D
 
 from dtlab.algos.base import OfflineRLModule
 from dtlab.data.samplers import PAD_ACTION, BatchFormat, WindowBatch
+from dtlab.networks import squashed_log_prob
 from dtlab.policy import Normalizer
 from dtlab.spec import DatasetSpec
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the Online DT's bounds on log σ
 
 
 class DTPolicy(Normalizer):
@@ -38,9 +42,19 @@ class DTPolicy(Normalizer):
     act-per-step policy; export and the Hub ship it.
     """
 
-    def __init__(self, model: DecisionTransformerModel, spec: DatasetSpec, rtg_scale: float, max_ep_len: int, context_len: int, cache_keep: int) -> None:
+    def __init__(
+        self,
+        model: DecisionTransformerModel,
+        spec: DatasetSpec,
+        rtg_scale: float,
+        max_ep_len: int,
+        context_len: int,
+        cache_keep: int,
+        log_std_head: nn.Linear | None = None,
+    ) -> None:
         super().__init__(spec)
         self.model, self.rtg_scale, self.max_ep_len = model, rtg_scale, max_ep_len
+        self.log_std_head = log_std_head  # the Online DT's stochastic policy: log σ of the pre-tanh Gaussian
         self.obs_dim, self.act_dim = spec.observation_dim, spec.action_dim
         self.context_len, self.cache_keep = context_len, cache_keep  # acting: see DecisionTransformer's cache_keep
 
@@ -76,15 +90,26 @@ class DTPolicy(Normalizer):
         out = self.model.predict_action(state_hidden)  # tanh'd when continuous
         return out if self.discrete else self.action_scaler(out)
 
+    def distribution(self, state_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stochastic policy (Online DT): mean and log σ (clamped to [−5, 2], as ODT) of the pre-tanh
+        Gaussian over unit-box actions. Its greedy action tanh(mean) is `action_head`'s."""
+        mean = self.model.predict_action[0](state_hidden)  # predict_action = Linear, Tanh
+        return mean, self.log_std_head(state_hidden).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def state_hidden(
+        self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, K, ...) windows -> (B, K, H): GPT-2's hidden states of the s_t tokens."""
+        b, k = mask.shape
+        tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
+        token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
+        return self.encode(tokens, token_mask).reshape(b, k, 3, -1)[:, :, 1]
+
     def forward(
         self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """(B, K, ...) windows -> (B, K, act_dim): the prediction for a_t from the s_t token."""
-        b, k = mask.shape
-        tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
-        token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
-        hidden = self.encode(tokens, token_mask).reshape(b, k, 3, -1)
-        return self.action_head(hidden[:, :, 1])  # s_t tokens
+        return self.action_head(self.state_hidden(observations, actions, returns_to_go, timesteps, mask))
 
 
 class DecisionTransformer(OfflineRLModule):
@@ -118,6 +143,12 @@ class DecisionTransformer(OfflineRLModule):
             PyTorch's layer defaults, as in the authors' code and d3rlpy (the random biases keep a return's
             magnitude visible after embed_ln, which is scale-invariant); "gpt2": transformers' N(0, 0.02)
             with zero biases. The timestep embedding is N(0, 0.02) either way (as d3rlpy). Measured: docs/results.md.
+        stochastic: the Online Decision Transformer's policy (Zheng, Zhang & Grover 2022; continuous actions): a
+            tanh-squashed Gaussian whose mean is the deterministic head's, trained by the negative log-likelihood
+            of the data's actions minus λ times the policy's entropy, with the temperature λ learned so that the
+            entropy stays at least `target_entropy`. Acting greedily still takes tanh(mean).
+        init_temperature: λ at the start (ODT: 0.1).
+        target_entropy: the entropy floor; None: −act_dim (ODT).
     """
 
     run_name = "dt"
@@ -139,9 +170,14 @@ class DecisionTransformer(OfflineRLModule):
         cache_keep: int | None = None,
         max_ep_len: int | None = None,
         embedding_init: Literal["torch", "gpt2"] = "torch",
+        stochastic: bool = False,
+        init_temperature: float = 0.1,
+        target_entropy: float | None = None,
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
+        if stochastic and self.spec.discrete:
+            raise ValueError("stochastic (the Online DT's Gaussian policy) needs continuous actions; discrete DTs already model a distribution.")
         cache_keep = context_len // 2 if cache_keep is None else cache_keep
         if not 0 <= cache_keep < context_len:
             raise ValueError(f"cache_keep must be in [0, context_len) = [0, {context_len}), got {cache_keep}.")
@@ -170,8 +206,12 @@ class DecisionTransformer(OfflineRLModule):
         # does not wait for their gradients and AdamW leaves them alone.
         for unused in (model.encoder.wte, model.predict_state, model.predict_return):
             unused.requires_grad_(False)
-        self.policy = DTPolicy(model, self.spec, rtg_scale, max_ep_len, context_len, cache_keep)
+        log_std_head = nn.Linear(embed_dim, self.act_dim) if stochastic else None
+        self.policy = DTPolicy(model, self.spec, rtg_scale, max_ep_len, context_len, cache_keep, log_std_head)
         self.init_embeddings(embedding_init)
+        if stochastic:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+            self.target_entropy = -float(self.act_dim) if target_entropy is None else target_entropy
 
     @property
     def model(self) -> DecisionTransformerModel:
@@ -196,37 +236,66 @@ class DecisionTransformer(OfflineRLModule):
             for layer in (m.embed_return, m.embed_state, m.embed_action, m.predict_action[0]):
                 layer.reset_parameters()
 
-    def dt_loss(self, batch: WindowBatch) -> torch.Tensor:
-        """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps.
+    def masked_mean(self, per_step: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over real steps. The sum is divided by the mean count of real steps per process, so under DDP
+        (where gradients are averaged over processes) the gradient is the global batch's masked mean's."""
+        return (per_step * mask).sum() / self.mean_over_processes(mask.sum()).clamp(min=1)
 
-        The sum is divided by the mean count of real steps per process, so under DDP (where gradients are
-        averaged over processes) the gradient is the masked mean's over the global batch, as in one process."""
+    def dt_loss(self, batch: WindowBatch) -> torch.Tensor:
+        """Masked MSE (continuous, in the action box's units) or cross-entropy (discrete) over real steps."""
         preds = self.policy(batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.mask)
         mask = batch.mask.float()
         if self.spec.discrete:
             per_step = F.cross_entropy(preds.flatten(0, 1), batch.actions.flatten(), reduction="none").view_as(mask)
         else:
             per_step = ((preds - batch.actions) ** 2).mean(-1)
-        return (per_step * mask).sum() / self.mean_over_processes(mask.sum()).clamp(min=1)
+        return self.masked_mean(per_step, mask)
+
+    def odt_loss(self, batch: WindowBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The Online DT's objective over real steps (Zheng et al. 2022, eq. 4 and its dual):
+
+            L_π = −E[log π(a | ·)] − λ H[π],     L_λ = λ (H[π] − β)  (H detached),
+
+        with a the data's unit-box action, H estimated by −log π of one reparameterised sample per step,
+        λ = exp(log_temperature) (detached in L_π) and β the target entropy. Returns (L_π + L_λ, metrics)."""
+        hidden = self.policy.state_hidden(batch.observations, batch.actions, batch.returns_to_go, batch.timesteps, batch.mask)
+        mean, log_std = self.policy.distribution(hidden)  # (B, K, A)
+        mask = batch.mask.float()
+        unit = self.policy.action_scaler.to_unit(batch.actions).clamp(-1 + 1e-6, 1 - 1e-6)
+        log_likelihood = self.masked_mean(squashed_log_prob(torch.atanh(unit), mean, log_std), mask)
+        u = mean + torch.randn_like(mean) * log_std.exp()
+        entropy = -self.masked_mean(squashed_log_prob(u, mean, log_std), mask)
+        temperature = self.log_temperature.exp()
+        policy_loss = -(log_likelihood + temperature.detach() * entropy)
+        temperature_loss = temperature * (entropy - self.target_entropy).detach()
+        metrics = {"log_likelihood": log_likelihood.detach(), "entropy": entropy.detach(), "temperature": temperature.detach()}
+        return policy_loss + temperature_loss, metrics
 
     def training_step(self, batch: WindowBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.dt_loss(batch)
+        if self.hparams.stochastic:
+            loss, metrics = self.odt_loss(batch)
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        else:
+            loss = self.dt_loss(batch)
         self.log("train/dt_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Decay weight matrices (Linear/Conv1D) only; biases, LayerNorms and embeddings stay undecayed.
+        # The Online DT's temperature is its own group: no decay, no warm-up (ODT steps it with a separate Adam).
         decay, no_decay = [], []
-        for module in self.modules():
+        for module in self.policy.modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     (decay if name == "weight" and isinstance(module, (nn.Linear, Conv1D)) else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedules = [lambda step: min(1.0, (step + 1) / warmup)] * 2
+        if self.hparams.stochastic:
+            groups.append({"params": [self.log_temperature], "weight_decay": 0.0})
+            schedules.append(lambda step: 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- acting and evaluation ---------------------------------------------------------------------
