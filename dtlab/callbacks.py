@@ -285,6 +285,12 @@ def format_seconds(seconds: float) -> str:
     return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
+def last_good_checkpoint(trainer: L.Trainer) -> str:
+    """The newest checkpoint this run has written (last or best), or "none written yet"."""
+    written = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
+    return str(max(written, key=lambda p: p.stat().st_mtime)) if written else "none written yet"
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameter."""
 
@@ -307,8 +313,7 @@ class DivergenceGuard(Callback):
 
     @staticmethod
     def message(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
-        written = [Path(p) for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
-        checkpoint = str(max(written, key=lambda p: p.stat().st_mtime)) if written else "none written yet"
+        checkpoint = last_good_checkpoint(trainer)
         return (
             f"{type(pl_module).__name__} diverged: {what}. Training stopped; no checkpoint of the diverged model was "
             f"written (last good checkpoint: {checkpoint}). Lower the learning rates, check the data's scale, or "

@@ -16,7 +16,6 @@ saved with the checkpoint; a resumed run resets each environment with its seed a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,6 +24,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns, last_good_checkpoint
 from dtlab.data.module import stream_seed
 from dtlab.data.replay import MixedSampler, ReplayBuffer
 
@@ -164,8 +164,6 @@ class OnlineFinetuning(Callback):
 
     def offline_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The starting policy's evaluation at env step 0, logged before any update (the dip is measured from it)."""
-        from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns
-
         evaluation = next((cb for cb in trainer.callbacks if isinstance(cb, EnvEvaluation)), None)
         if evaluation is None or not evaluation.enabled(pl_module) or trainer.world_size > 1:
             return
@@ -209,6 +207,4 @@ class OnlineFinetuning(Callback):
             env.close()
 
     def message(self, what: str) -> str:
-        written = [Path(p) for cb in self.trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
-        last = str(max(written, key=lambda p: p.stat().st_mtime)) if written else "none written yet"
-        return f"Online fine-tuning stopped: {what}. No checkpoint was written after it (last good checkpoint: {last})."
+        return f"Online fine-tuning stopped: {what}. No checkpoint was written after it (last good checkpoint: {last_good_checkpoint(self.trainer)})."
