@@ -49,7 +49,7 @@ class OnlineFinetuning(Callback):
         mixing_ratio: share of online transitions in every batch (0.5: balanced replay as CORL / Cal-QL;
             1.0: online data only).
         num_envs: environments, stepped in turn (each step of each counts).
-        seed: episode j of environment i is reset with a seed drawn from (seed, i, j).
+        seed: episode j of environment i is reset with a seed drawn from (seed, rank, i, j).
     """
 
     def __init__(
@@ -83,7 +83,7 @@ class OnlineFinetuning(Callback):
         spec = pl_module.spec
         if spec.env_spec is None:
             raise ValueError(f"Dataset '{spec.dataset_id}' names no environment: online fine-tuning needs one to act in.")
-        self.trainer = trainer
+        self.trainer, self.rank = trainer, trainer.global_rank  # under DDP each process collects its own episodes
         self.envs = [make_env(spec) for _ in range(self.num_envs)]
         gamma = pl_module.batch_format.mc_return_gamma
         capacity = self.warmup_steps + self.env_steps + self.num_envs
@@ -113,7 +113,7 @@ class OnlineFinetuning(Callback):
         self.collect(pl_module, self.warmup_steps)
 
     def reset(self, env: int) -> np.ndarray:
-        seed = stream_seed(self.seed, env, self.episode[env]) % 2**32
+        seed = stream_seed(self.seed, self.rank, env, self.episode[env]) % 2**32
         self.actions[env], self.returns[env] = [], 0.0
         observation, _ = self.envs[env].reset(seed=seed)
         return self.checked(observation, env, "reset")
