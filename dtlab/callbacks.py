@@ -146,7 +146,8 @@ class RunReport(Callback):
     to the last, so evaluation at the end is not counted; world_size, batch_size (per process) and
     global_batch_size; parameters; peak_memory_mb, the largest over processes (CUDA: peak allocated by
     tensors; CPU: peak resident set of the process); device; the mean of each training metric over the
-    last tenth of the updates (`train`), and the final evaluation (`eval`)."""
+    last tenth of the updates (`train`), the final evaluation (`eval`), and for online fine-tuning the
+    environment steps collected (`env_steps`)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start, self.start_step = time.perf_counter(), trainer.global_step
@@ -234,6 +235,8 @@ class RunReport(Callback):
             for name, (steps, values) in history.items()
             if name.startswith("train/")
         }
+        if "online/env_steps" in history:
+            out["env_steps"] = int(history["online/env_steps"][1][-1])
         out["eval"] = {
             name.removeprefix("eval/"): float(values[-1]) for name, (_, values) in history.items() if name in ("eval/return", "eval/normalized_score")
         }
@@ -257,6 +260,8 @@ class RunReport(Callback):
             lines.append(f"final        {final} (after {trainer.global_step} updates)")
         csv = self.metrics_csv(trainer)
         history = read_metrics(csv) if csv is not None else {}
+        if "online/env_steps" in history:  # an online fine-tuning run
+            lines.append(f"online       {int(history['online/env_steps'][1][-1])} env steps collected (warm-up included)")
         if "eval/return" in history and len(history["eval/return"][0]) > 1:
             steps, values = history["eval/return"]
             best = int(np.argmax(values))

@@ -162,6 +162,10 @@ class OnlineFinetuning(Callback):
             for logger in trainer.loggers:  # straight to the loggers: a value is written once, when it is new
                 logger.log_metrics(metrics, step=trainer.global_step)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:  # the exact total, whatever the logging interval (the run summary reads it)
+            logger.log_metrics({"online/env_steps": float(self.collected)}, step=trainer.global_step - 1)
+
     def offline_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The starting policy's evaluation at env step 0, logged before any update (the dip is measured from it)."""
         evaluation = next((cb for cb in trainer.callbacks if isinstance(cb, EnvEvaluation)), None)

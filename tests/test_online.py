@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def test_online_phase_collects_deterministically_and_resumes_exactly(inverted_pe
     resumed_buffer = buffer_of(next((tmp_path / "c").rglob("last.ckpt")))
     assert all(torch.equal(resumed_buffer["data"][k], data[k]) for k in data), "the resumed run collected other data"
 
+    summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
+    assert summary["env_steps"] == 20 + 12, "every env step collected, the warm-up's included"
     rows = _csv_rows(tmp_path / "a")
     start = [r for r in rows if r.get("online/env_steps") == "0.0"]
     assert start and start[0].get("eval/return"), "the starting policy is evaluated at env step 0"
@@ -195,6 +198,8 @@ def test_every_finetune_config_warm_starts_and_trains_online(config, inverted_pe
     )
     assert online.trainer.global_step == 6 and type(online.model) is type(offline.model)
     assert buffer_of(next((tmp_path / "online").rglob("last.ckpt")))["size"] == 36
+    summary = json.loads(next((tmp_path / "online").rglob("run_summary.json")).read_text())
+    assert summary["env_steps"] == 36, "the exact total, though the logging interval (50) never fell on an update here"
 
 
 def test_online_runs_are_plotted_against_environment_steps(tmp_path):
