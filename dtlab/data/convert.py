@@ -192,25 +192,17 @@ def _spec(dataset_id: str, ds: minari.MinariDataset, arrays: dict[str, np.ndarra
         action_dim, low, high = int(np.prod(act_space.shape)), act_space.low.reshape(-1).tolist(), act_space.high.reshape(-1).tolist()
     else:
         raise DatasetError(f"Dataset '{dataset_id}': action space {act_space} is not supported (Box or Discrete only).")
-    episode_returns = np.bincount(arrays["episode_ids"], weights=arrays["rewards"])
-    obs = arrays["observations"]
     lo, hi = _references(dataset_id, ds)
     env_spec = ds.spec.env_spec
     return DatasetSpec(
         dataset_id=dataset_id,
-        observation_dim=int(obs.shape[1]),
+        observation_dim=int(arrays["observations"].shape[1]),
         action_dim=action_dim,
         discrete=isinstance(act_space, gym.spaces.Discrete),
         action_low=low,
         action_high=high,
-        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
-        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
-        num_episodes=len(episode_returns),
-        num_transitions=len(obs),
+        **statistics(arrays),
         max_episode_steps=int(arrays["timesteps"].max()) + 1,
-        return_min=float(episode_returns.min()),
-        return_max=float(episode_returns.max()),
-        return_mean=float(episode_returns.mean()),
         env_spec=json.loads(env_spec.to_json()) if env_spec is not None else None,
         flatten_observations=isinstance(ds.spec.observation_space, gym.spaces.Dict),
         ref_min_score=lo,
@@ -414,9 +406,9 @@ def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.nd
             columns[c].append(a + first_episode if c == "episode_ids" else a)
         first_episode += spec.num_episodes
     mixed = {c: np.concatenate(v) for c, v in columns.items()}
-    spec = with_statistics(
+    spec = dataclasses.replace(
         specs[0],
-        mixed,
+        **statistics(mixed),
         dataset_id=MIX_SEPARATOR.join(ids),
         max_episode_steps=max(s.max_episode_steps for s in specs),
         ref_min_score=next((s.ref_min_score for s in specs if s.ref_min_score is not None), None),
@@ -426,30 +418,26 @@ def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.nd
     return {c: mixed[c] for c in names}, spec
 
 
-def with_statistics(spec: DatasetSpec, columns: dict[str, np.ndarray], **changes: Any) -> DatasetSpec:
-    """`spec` with the observation statistics, counts and return range of `columns` (episode_ids numbered
-    0..E-1, observations, rewards), and `changes`."""
+def statistics(columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The DatasetSpec fields that follow from the data: observation mean and std, episode and transition
+    counts, and the return range of `columns` (episode_ids numbered 0..E-1, observations, rewards)."""
     returns = np.bincount(columns["episode_ids"], weights=columns["rewards"])
     obs = columns["observations"]
-    return dataclasses.replace(
-        spec,
-        obs_mean=obs.mean(0, dtype=np.float64).tolist(),
-        obs_std=(obs.std(0, dtype=np.float64) + 1e-6).tolist(),
-        num_episodes=len(returns),
-        num_transitions=len(obs),
-        return_min=float(returns.min()),
-        return_max=float(returns.max()),
-        return_mean=float(returns.mean()),
-        **changes,
-    )
+    return {
+        "obs_mean": obs.mean(0, dtype=np.float64).tolist(),
+        "obs_std": (obs.std(0, dtype=np.float64) + 1e-6).tolist(),
+        "num_episodes": len(returns),
+        "num_transitions": len(obs),
+        "return_min": float(returns.min()),
+        "return_max": float(returns.max()),
+        "return_mean": float(returns.mean()),
+    }
 
 
 def episode_subset(columns: dict[str, np.ndarray], spec: DatasetSpec, fraction: float, seed: int) -> tuple[dict[str, np.ndarray], DatasetSpec]:
-    """A seeded random `fraction` of the episodes (at least one), in their order and renumbered 0..n-1, with
+    """A seeded random `fraction` (in (0, 1], checked by the DataModule) of the episodes (at least one), in their order and renumbered 0..n-1, with
     the spec's statistics recomputed over them (for data-scaling studies). The timestep range
     (max_episode_steps) stays the full dataset's, so models keep their size across fractions."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.fraction must be in (0, 1], got {fraction}.")
     if fraction == 1.0:
         return columns, spec
     episode_ids = columns["episode_ids"]
@@ -458,7 +446,7 @@ def episode_subset(columns: dict[str, np.ndarray], spec: DatasetSpec, fraction: 
     rows = np.isin(episode_ids, keep)
     subset = {c: np.asarray(v)[rows] for c, v in columns.items()}
     subset["episode_ids"] = np.searchsorted(keep, subset["episode_ids"]).astype(episode_ids.dtype)
-    return subset, with_statistics(spec, subset, fingerprint=f"{spec.fingerprint}@{fraction:g}/{seed}")
+    return subset, dataclasses.replace(spec, **statistics(subset), fingerprint=f"{spec.fingerprint}@{fraction:g}/{seed}")
 
 
 def _check_mixable(dataset_id: str, specs: list[DatasetSpec]) -> None:

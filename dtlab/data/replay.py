@@ -15,9 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dtlab.data.samplers import Batch, OfflineSampler, TransitionBatch
-
-FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "mc_returns", "episode_end")
+from dtlab.data.samplers import Batch, OfflineSampler, TransitionBatch, discounted_to_go
 
 
 class ReplayBuffer:
@@ -29,7 +27,7 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, discrete: bool, num_envs: int, gamma: float | None = None) -> None:
-        self.capacity, self.num_envs, self.gamma = capacity, num_envs, gamma
+        self.capacity, self.gamma = capacity, gamma
         self.size = 0
         self.data = {
             "observations": torch.zeros(capacity, obs_dim),
@@ -63,13 +61,8 @@ class ReplayBuffer:
         self.open_rows[env].append(i)
         if terminated or truncated:
             rows = torch.tensor(self.open_rows[env])
-            if self.gamma is not None:  # Σ_k γ^k r_{t+k} to the episode's end (a truncated tail counts as 0, as offline)
-                returns = torch.zeros(len(rows))
-                acc = 0.0
-                for j in range(len(rows) - 1, -1, -1):
-                    acc = float(d["rewards"][rows[j]]) + self.gamma * acc
-                    returns[j] = acc
-                d["mc_returns"][rows] = returns
+            if self.gamma is not None:  # to the episode's end (a truncated tail counts as 0, as offline)
+                d["mc_returns"][rows] = discounted_to_go(d["rewards"][rows], self.gamma).float()
             d["episode_end"][rows] = self.size
             self.open_rows[env] = []
 

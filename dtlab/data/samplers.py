@@ -85,6 +85,17 @@ class Sampler(Protocol):
         ...
 
 
+def discounted_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Σ_k γ^k r_{t+k} along the last dimension, (..., T) -> (..., T) in float64: one vector op per step over
+    all leading dimensions (episodes). Rewards past an episode's end must be 0 (a truncated tail counts as 0)."""
+    out = rewards.double().clone()
+    acc = torch.zeros(out.shape[:-1], dtype=torch.float64)
+    for t in range(out.shape[-1] - 1, -1, -1):
+        acc = out[..., t] + gamma * acc
+        out[..., t] = acc
+    return out
+
+
 class Transitions:
     """Flat per-transition tensors of a dataset plus its episode boundaries."""
 
@@ -123,11 +134,7 @@ class Transitions:
             episode, step = self.columns["episode_ids"].long(), self.columns["timesteps"].long()
             padded = torch.zeros(len(self.episode_lengths), int(self.episode_lengths.max()), dtype=torch.float64)
             padded[episode, step] = self.columns["rewards"].double()  # (E, T_max), zeros past each end
-            acc = torch.zeros(len(padded), dtype=torch.float64)
-            for t in range(padded.shape[1] - 1, -1, -1):  # one vector op per step, over all episodes
-                acc = padded[:, t] + gamma * acc
-                padded[:, t] = acc
-            self._discounted[gamma] = padded[episode, step].float()
+            self._discounted[gamma] = discounted_to_go(padded, gamma)[episode, step].float()
         return self._discounted[gamma]
 
     def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None, rows: slice = slice(None)) -> TransitionBatch:
