@@ -141,7 +141,7 @@ class RunReport(Callback):
     CSV logger's metrics.csv; at the end of the fit a summary block (updates, wall time, final and best
     evaluation, where the checkpoints and plots are) and `run_summary.json` (below), which `dtlab scale` reads.
 
-    run_summary.json: updates; wall_s; updates_per_s, samples_per_s (and tokens_per_s for sequence models,
+    run_summary.json: the dataset's transitions (after data.fraction); updates; wall_s; updates_per_s, samples_per_s (and tokens_per_s for sequence models,
     3 tokens per step) timed after the first tenth of the updates (warm-up: allocation, compilation) up
     to the last, so evaluation at the end is not counted; world_size, batch_size (per process) and
     global_batch_size; parameters; peak_memory_mb, the largest over processes (CUDA: peak allocated by
@@ -153,7 +153,8 @@ class RunReport(Callback):
         self.start, self.start_step = time.perf_counter(), trainer.global_step
         planned = max(int(trainer.estimated_stepping_batches), 1)  # updates this fit will make
         self.warm_step = self.start_step + max(1, planned // 10)
-        self.timed: tuple[float, int] | None = None
+        self.timed: tuple[float, int] | None = None  # (time, update) at the end of the warm-up
+        self.last_update: tuple[float, int] | None = None  # (time, update) of the latest update after it
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -211,6 +212,7 @@ class RunReport(Callback):
         out: dict[str, Any] = {
             "algorithm": type(pl_module).__name__,
             "dataset_id": pl_module.spec.dataset_id,
+            "transitions": pl_module.spec.num_transitions,
             "updates": trainer.global_step,
             "wall_s": seconds,
             "world_size": trainer.world_size,
@@ -221,7 +223,7 @@ class RunReport(Callback):
             "device": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu",
             "precision": str(trainer.precision),
         }
-        if self.timed is not None and hasattr(self, "last_update"):
+        if self.timed is not None and self.last_update is not None:
             (t0, s0), (t1, s1) = self.timed, self.last_update
             out["updates_per_s"] = (s1 - s0) / max(t1 - t0, 1e-9)
             if batch_size is not None:

@@ -24,7 +24,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns, last_good_checkpoint
+from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns, last_good_checkpoint, return_summary
 from dtlab.data.module import stream_seed
 from dtlab.data.replay import MixedSampler, ReplayBuffer
 
@@ -154,10 +154,10 @@ class OnlineFinetuning(Callback):
         if trainer.global_step % trainer.log_every_n_steps == 0:
             metrics = {"online/env_steps": float(self.collected)}
             if self.finished:
-                metrics["online/episode_return"] = float(np.mean(self.finished))
-                spec = pl_module.spec
-                if spec.ref_min_score is not None and spec.ref_max_score is not None:
-                    metrics["online/normalized_score"] = float(np.mean(spec.normalized_score(np.asarray(self.finished))))
+                summary = return_summary(np.asarray(self.finished), pl_module.spec)
+                metrics["online/episode_return"] = summary["return_mean"]
+                if "normalized_score_mean" in summary:  # the data has reference returns
+                    metrics["online/normalized_score"] = summary["normalized_score_mean"]
                 self.finished = []
             for logger in trainer.loggers:  # straight to the loggers: a value is written once, when it is new
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -106,19 +106,11 @@ def run_cell(
     summary = json.loads(summaries[-1].read_text())
     row |= {k: summary.get(k) for k in ("global_batch_size", "parameters", "updates", "updates_per_s", "samples_per_s", "tokens_per_s")}
     row |= {k: summary.get(k) for k in ("peak_memory_mb", "wall_s", "device", "precision")}
-    hparams = next(summaries[-1].parent.glob("hparams.yaml"), None)
-    row["transitions"] = _transitions(hparams) if hparams else None
+    row["transitions"] = summary.get("transitions")
     row |= {f"train/{k}": v for k, v in summary.get("train", {}).items()}
     row["normalized_score"] = summary.get("eval", {}).get("normalized_score")
     row["return"] = summary.get("eval", {}).get("return")
     return row | {"status": "ok"}
-
-
-def _transitions(hparams: Path) -> int | None:
-    import yaml
-
-    spec = (yaml.safe_load(hparams.read_text()) or {}).get("spec") or {}
-    return spec.get("num_transitions")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
