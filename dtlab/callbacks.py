@@ -7,6 +7,7 @@ The LightningModules keep networks and losses only; what a run does around them 
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import time
@@ -136,13 +137,17 @@ class EnvEvaluation(Callback):
             plot_return_conditioning(targets, returns, Path(log_dir) / "return_conditioning.png", spec, title)
 
 
+OPEN_ENDED_WARMUP = 100  # updates not timed by RunReport when the number of updates is not known ahead
+
+
 class RunReport(Callback):
     """What a run leaves to read: `learning_curve.png` in the run folder, redrawn after every epoch from the
     CSV logger's metrics.csv; at the end of the fit a summary block (updates, wall time, final and best
     evaluation, where the checkpoints and plots are) and `run_summary.json` (below), which `dtlab scale` reads.
 
     run_summary.json: the dataset's transitions (after data.fraction); updates; wall_s; updates_per_s, samples_per_s (and tokens_per_s for sequence models,
-    3 tokens per step) timed after the first tenth of the updates (warm-up: allocation, compilation) up
+    3 tokens per step) timed after the first tenth of the updates (warm-up: allocation, compilation; the first
+    100 in an open-ended run, such as an online phase that stops when its env steps are spent) up
     to the last, so evaluation at the end is not counted; world_size, batch_size (per process) and
     global_batch_size; parameters; peak_memory_mb, the largest over processes (CUDA: peak allocated by
     tensors; CPU: peak resident set of the process); device; the mean of each training metric over the
@@ -151,8 +156,8 @@ class RunReport(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start, self.start_step = time.perf_counter(), trainer.global_step
-        planned = max(int(trainer.estimated_stepping_batches), 1)  # updates this fit will make
-        self.warm_step = self.start_step + max(1, planned // 10)
+        planned = trainer.estimated_stepping_batches  # updates this fit will make (inf: until a callback stops it)
+        self.warm_step = self.start_step + (max(1, int(planned) // 10) if math.isfinite(planned) else OPEN_ENDED_WARMUP)
         self.timed: tuple[float, int] | None = None  # (time, update) at the end of the warm-up
         self.last_update: tuple[float, int] | None = None  # (time, update) of the latest update after it
         if torch.cuda.is_available() and pl_module.device.type == "cuda":

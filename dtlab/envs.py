@@ -95,9 +95,18 @@ def _build(spec: DatasetSpec, build: Callable[[EnvSpec], gym.Env | gym.vector.Ve
         ) from err
 
 
-def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int], on_episode_end: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+class StepHook(Protocol):
+    def __call__(
+        self, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_observations: np.ndarray, ended: np.ndarray, running: np.ndarray
+    ) -> None: ...
+
+
+def rollout(
+    agent: Agent, env: gym.vector.VectorEnv, seeds: list[int], on_episode_end: Callable[[int], None] | None = None, on_step: StepHook | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Run one episode in each sub-environment (seeded); return (returns, lengths) per episode.
-    `on_episode_end(k)` is called whenever k more episodes have finished (progress displays)."""
+    `on_episode_end(k)` is called whenever k more episodes have finished (progress displays); `on_step`
+    sees every step of all sub-environments, `running` marking those still in their episode (collectors)."""
     observations, _ = env.reset(seed=list(seeds))
     n = len(seeds)
     returns, lengths, done = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
@@ -105,8 +114,11 @@ def rollout(agent: Agent, env: gym.vector.VectorEnv, seeds: list[int], on_episod
         actions = agent.act(observations)
         if np.issubdtype(actions.dtype, np.floating) and not np.isfinite(actions).all():
             raise FloatingPointError("the policy produced non-finite actions (NaN or inf); its parameters have diverged")
-        observations, rewards, terminated, truncated, _ = env.step(actions)
+        next_observations, rewards, terminated, truncated, _ = env.step(actions)
         ended = terminated | truncated
+        if on_step is not None:
+            on_step(observations, actions, rewards, next_observations, ended, ~done)
+        observations = next_observations
         returns += np.where(done, 0.0, rewards)
         lengths += ~done
         agent.observe(rewards, ended)

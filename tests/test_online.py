@@ -14,7 +14,7 @@ import torch
 from dtlab.checkpoints import read_checkpoint
 from dtlab.cli import run_cli
 from dtlab.data.module import OfflineDataModule
-from dtlab.data.replay import MixedSampler, ReplayBuffer
+from dtlab.data.replay import MixedSampler, ReplayBuffer, TrajectoryReplay
 from dtlab.data.samplers import BatchFormat, OfflineSampler
 
 CONF = Path(__file__).parents[1] / "conf"
@@ -177,7 +177,8 @@ def test_a_non_finite_observation_stops_the_run_and_names_the_last_good_checkpoi
     assert read_checkpoint(next(tmp_path.rglob("last.ckpt")))["global_step"] == 8
 
 
-FINETUNE = sorted(p.name for p in (CONF / "finetune").glob("*.yaml"))
+# The value methods' online phase; conf/finetune/dt.yaml (the Online DT) has its own test below.
+FINETUNE = sorted(p.name for p in (CONF / "finetune").glob("*.yaml") if p.name != "dt.yaml")
 
 
 @pytest.mark.parametrize("config", FINETUNE)
@@ -214,3 +215,103 @@ def test_online_runs_are_plotted_against_environment_steps(tmp_path):
     csv.write_text("step,epoch,online/env_steps,online/episode_return,eval/return,train/loss\n-1,,0,,-5,\n0,0,21,-7,,1.0\n1,0,22,,,0.5\n2,0,23,-4,-3,0.25\n")
     out = plot_learning_curves({"run": [csv]}, tmp_path / "curve.png")
     assert out.stat().st_size > 10_000
+
+
+def test_the_trajectory_replay_starts_from_the_best_trajectories_and_replaces_the_oldest_first(pendulum_id):
+    """ODT's replay with room for 3: the data's 3 best episodes, then each online episode pushes out the
+    oldest (the worst offline one first); online returns-to-go are the rewards actually received."""
+    data = OfflineDataModule(pendulum_id).transitions
+    ids, rewards = data.columns["episode_ids"].long(), data.columns["rewards"].double()
+    returns = torch.zeros(len(data.episode_lengths), dtype=torch.float64).index_add_(0, ids, rewards)
+    best = returns.argsort()[-3:].tolist()  # ascending
+    replay = TrajectoryReplay(data, capacity=3, online_steps=100)
+
+    def episodes_seen(online: int) -> set:
+        """Which episodes 512 windows come from: offline ones by their first return-to-go, online by their tag."""
+        batch = replay.sample(512, 4, torch.Generator().manual_seed(online), slice(None), online)
+        seen = set()
+        for obs, rtg, t, mask in zip(batch.observations[:, -1], batch.returns_to_go[:, -1, 0], batch.timesteps[:, -1], batch.mask[:, -1]):
+            assert mask == 1
+            if obs[0] >= 1000:
+                seen.add(f"online {int(obs[0]) - 1000}")
+            else:  # the offline episode whose step t has this return-to-go and observation
+                match = [e for e in range(len(returns)) if torch.equal(data.columns["observations"][data.episode_starts[e] + t], obs)]
+                assert len(match) == 1 and torch.isclose(data.columns["returns_to_go"][data.episode_starts[match[0]] + t], rtg)
+                seen.add(match[0])
+        return seen
+
+    assert episodes_seen(0) == set(best)
+    rewards_online = np.array([1.0, 2.0, 3.0, 4.0])
+    for k in range(2):
+        replay.add(np.full((4, 3), 1000.0 + k), np.zeros((4, 1)), rewards_online)
+    assert episodes_seen(1) == {best[1], best[2], "online 0"}, "the worst kept offline episode goes first"
+    assert episodes_seen(2) == {best[2], "online 0", "online 1"}
+    online = replay.sample(64, 4, torch.Generator(), slice(None), 2)
+    tagged = online.observations[..., 0] >= 1000
+    steps, rtg = online.timesteps[tagged], online.returns_to_go[..., 0][tagged]
+    assert torch.equal(rtg, torch.tensor([10.0, 9.0, 7.0, 4.0])[steps]), "hindsight returns-to-go: the rewards received from each step on"
+    with pytest.raises(RuntimeError, match="may see 3 online episodes but only 2"):
+        replay.sample(8, 4, torch.Generator(), slice(None), 3)
+    copy = TrajectoryReplay(data, capacity=3, online_steps=100)
+    copy.load_state_dict(replay.state_dict())
+    for k in (1, 2):
+        a, b = (r.sample(32, 4, torch.Generator().manual_seed(k), slice(None), k) for r in (replay, copy))
+        assert torch.equal(a.observations, b.observations) and torch.equal(a.returns_to_go, b.returns_to_go)
+    with pytest.raises(RuntimeError, match="online storage is full"):
+        replay.add(np.zeros((93, 3)), np.zeros((93, 1)), np.zeros(93))
+
+
+TINY_DT = ["--model.init_args.context_len", "4", "--model.init_args.embed_dim", "16", "--model.init_args.n_layer", "1"]
+TINY_DT += ["--model.init_args.stochastic", "true", "--model.init_args.eval_targets", "[50.0]"]
+
+
+def odt_replay_of(checkpoint: Path) -> dict:
+    state = read_checkpoint(checkpoint)["callbacks"]
+    return next(v for k, v in state.items() if "OnlineDecisionTransformer" in k)
+
+
+def test_online_decision_transformer_collects_rounds_relabels_returns_and_resumes_exactly(inverted_pendulum_id, tmp_path):
+    """The Online DT in rounds of 3 updates after 2 episodes each, 30 env steps: training stops at the end of the
+    round that spent them; online episodes carry hindsight returns-to-go; two seeded runs collect the same
+    episodes; a run resumed mid-round reaches the straight run's parameters and replay."""
+    common = ["--data.dataset_id", inverted_pendulum_id, "--data.batch_size", "8", "--evaluation.episodes", "1", *TINY_DT]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    run_cli(["fit", "-c", str(CONF / "dt.yaml"), *common, "--trainer.max_steps", "3", "--runs_dir", str(tmp_path / "offline")])
+    pretrained = str(next((tmp_path / "offline").rglob("last.ckpt")))
+    online = ["fit", "-c", str(CONF / "dt.yaml"), "-c", str(CONF / "finetune" / "dt.yaml"), *common, "--pretrained", pretrained]
+    online += ["--trainer.callbacks.init_args.env_steps", "30", "--trainer.callbacks.init_args.updates_per_round", "3"]
+    online += ["--trainer.callbacks.init_args.episodes_per_round", "2", "--trainer.callbacks.init_args.replay_trajectories", "15"]
+    online += ["--data.steps_per_epoch", "4", "--trainer.log_every_n_steps", "1"]
+    every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+    every += ["--trainer.callbacks.filename", "at-{step}"]
+
+    straight = run_cli([*online, *every, "--runs_dir", str(tmp_path / "a")])
+    state = odt_replay_of(next((tmp_path / "a").rglob("last.ckpt")))
+    lengths, columns = state["replay"]["lengths"], state["replay"]["columns"]
+    assert state["collected"] == int(lengths.sum()) >= 30 and len(lengths) % 2 == 0, "whole rounds of 2 episodes"
+    rounds = len(lengths) // 2
+    assert straight.trainer.global_step == 3 * rounds, "3 updates after each round, stopped after the round that spent the budget"
+    assert int(lengths[: 2 * (rounds - 1)].sum()) < 30, "no round after the budget was spent"
+    for start, length in zip((torch.cumsum(lengths, 0) - lengths).tolist(), lengths.tolist()):
+        rewards, rtg = columns["rewards"][start : start + length], columns["returns_to_go"][start : start + length]
+        assert torch.allclose(rtg, rewards.flip(0).cumsum(0).flip(0)), "returns-to-go relabelled with the rewards received"
+        assert columns["timesteps"][start : start + length].tolist() == list(range(length))
+    assert (columns["returns_to_go"][torch.cumsum(lengths, 0) - lengths] < 100.0).all(), "not the exploration return (2 x 50) they were conditioned on"
+
+    run_cli([*online, "--runs_dir", str(tmp_path / "b")])
+    again = odt_replay_of(next((tmp_path / "b").rglob("last.ckpt")))["replay"]
+    assert torch.equal(again["lengths"], lengths) and all(torch.equal(again["columns"][k], columns[k]) for k in columns)
+
+    mid_round = next((tmp_path / "a").rglob("at-step=4.ckpt"))
+    resumed = run_cli([*online, "--runs_dir", str(tmp_path / "c"), "--ckpt_path", str(mid_round)])
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    a, c = straight.model.state_dict(), resumed.model.state_dict()
+    assert not [k for k in a if not torch.equal(a[k], c[k])], "parameters differ after resuming mid-round"
+    replay_c = odt_replay_of(next((tmp_path / "c").rglob("last.ckpt")))["replay"]
+    assert torch.equal(replay_c["lengths"], lengths) and all(torch.equal(replay_c["columns"][k], columns[k]) for k in columns)
+
+    rows = _csv_rows(tmp_path / "a")
+    assert [r for r in rows if r.get("online/env_steps") == "0.0" and r.get("eval/return")], "the offline DT is evaluated at env step 0"
+    assert any(r.get("online/episode_return") for r in rows)
+    summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
+    assert summary["env_steps"] == state["collected"]

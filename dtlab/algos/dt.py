@@ -96,6 +96,12 @@ class DTPolicy(Normalizer):
         mean = self.model.predict_action[0](state_hidden)  # predict_action = Linear, Tanh
         return mean, self.log_std_head(state_hidden).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
+    def sample(self, state_hidden: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """An exploratory action of the stochastic policy in the box: tanh(mean + σ ε), ε ~ N(0, I) from `generator`."""
+        mean, log_std = self.distribution(state_hidden)
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        return self.action_scaler(torch.tanh(mean + log_std.exp() * noise))
+
     def state_hidden(
         self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -307,15 +313,24 @@ class DecisionTransformer(OfflineRLModule):
         return [float(t) for t in targets] if targets else default_targets(self.spec)
 
     def make_agent(
-        self, num_envs: int, target_returns: Sequence[float] | float | None = None, use_cache: bool = True, next_step_autoreset: bool = True
+        self,
+        num_envs: int,
+        target_returns: Sequence[float] | float | None = None,
+        use_cache: bool = True,
+        next_step_autoreset: bool = True,
+        deterministic: bool = True,
+        generator: torch.Generator | None = None,
     ) -> DTAgent:
         """The policy over `num_envs` envs, each conditioned on its target return (default: the primary
         eval target). Call `.eval()` first outside training, or dropout stays on.
-        `next_step_autoreset`: the envs reset on the step after an episode ends (gymnasium's default)."""
+        `next_step_autoreset`: the envs reset on the step after an episode ends (gymnasium's default).
+        `deterministic=False` samples the stochastic policy's actions (noise drawn from `generator`)."""
         if target_returns is None:
             target_returns = self.eval_targets[0]
+        if not deterministic and not self.hparams.stochastic:
+            raise ValueError("Only a stochastic DT (--model.init_args.stochastic true) samples exploratory actions.")
         targets = np.broadcast_to(np.asarray(target_returns, dtype=np.float64), (num_envs,))
-        return DTAgent(self.policy, targets, use_cache=use_cache, next_step_autoreset=next_step_autoreset)
+        return DTAgent(self.policy, targets, use_cache, next_step_autoreset, deterministic, generator)
 
 
 def default_targets(spec) -> list[float]:
@@ -337,10 +352,20 @@ class DTAgent:
     newest tokens right-aligned; an env whose context is full restarts from its last `cache_keep`
     steps, re-encoded alone and written over the right end of its row. Without the cache the same
     context is re-encoded every step: the reference the cached path must reproduce.
+    `deterministic=False` samples the stochastic policy's actions (the Online DT's exploration).
     """
 
-    def __init__(self, policy: DTPolicy, target_returns: np.ndarray, use_cache: bool = True, next_step_autoreset: bool = True) -> None:
+    def __init__(
+        self,
+        policy: DTPolicy,
+        target_returns: np.ndarray,
+        use_cache: bool = True,
+        next_step_autoreset: bool = True,
+        deterministic: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.model, self.use_cache, self.next_step_autoreset = policy, use_cache, next_step_autoreset
+        self.deterministic, self.generator = deterministic, generator
         self.targets = np.asarray(target_returns, dtype=np.float64)
         n, k, dev = len(self.targets), policy.context_len, policy.obs_mean.device
         self.n, self.k, self.device = n, k, dev
@@ -383,14 +408,16 @@ class DTAgent:
         restarted = self._push(obs)
         m = self.model
         if not self.use_cache or self.k < 2:  # K = 1: every step is a fresh context, nothing to cache
-            preds = m(self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx, self._step_mask())[:, -1]
+            hidden = m.state_hidden(self.observations, self.actions, self.returns_to_go_ctx, self.timesteps_ctx, self._step_mask())[:, -1]
         else:
-            preds = self._act_cached(restarted)
+            hidden = self._act_cached(restarted)
+        preds = m.action_head(hidden) if self.deterministic else m.sample(hidden, self.generator)
         actions = preds.argmax(-1) if m.discrete else preds.float()  # float: bf16 under autocast
         self.actions[:, -1] = actions
         return actions.cpu().numpy()
 
     def _act_cached(self, restarted: np.ndarray) -> torch.Tensor:
+        """The newest s token's hidden state (N, H), feeding GPT-2 only the new tokens."""
         m, k = self.model, self.k
         # Re-encode the kept steps of restarted contexts: R̂, s, a of each but the newest step's a,
         # which comes with the new tokens below. (Steps K-1-keep .. K-2 after the shift.)
@@ -426,7 +453,7 @@ class DTAgent:
         live = int(mask.any(0).long().argmax())
         self.kv = [(layer.keys[:, :, live:], layer.values[:, :, live:]) for layer in cache.layers]
         self.kv_mask = mask[:, live:]
-        return m.action_head(hidden[:, 2])
+        return hidden[:, 2]
 
     def observe(self, rewards: np.ndarray, dones: np.ndarray) -> None:
         self.returns_to_go = self.returns_to_go - rewards

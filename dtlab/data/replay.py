@@ -1,10 +1,11 @@
-"""Online data: the replay buffer an online phase fills, and the sampler that mixes it with the offline data.
+"""Online data: the replay buffers an online phase fills, and the samplers that draw batches from them.
 
-Transitions are stored in arrival order in preallocated tensors. Which rows batch k may use is a function
-of k alone (`MixedSampler.visible`), never of when the DataLoader happened to draw it, so a resumed run
-draws the same batches as an uninterrupted one. Monte-Carlo returns (Cal-QL's bound) are filled in when an
-episode ends; rows of an episode that had not ended by then carry −inf (no bound) in batches that cannot
-yet see its end.
+Transitions (value methods) are stored in arrival order in preallocated tensors and mixed with the offline
+data (`MixedSampler`); the Online Decision Transformer keeps whole trajectories (`TrajectoryReplay`). Which
+rows batch k may use is a function of k alone (`visible`), never of when the DataLoader happened to draw it,
+so a resumed run draws the same batches as an uninterrupted one. Monte-Carlo returns (Cal-QL's bound) are
+filled in when an episode ends; rows of an episode that had not ended by then carry −inf (no bound) in
+batches that cannot yet see its end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dtlab.data.samplers import Batch, OfflineSampler, TransitionBatch, discounted_to_go
+from dtlab.data.samplers import Batch, OfflineSampler, TransitionBatch, Transitions, WindowBatch, discounted_to_go, sample_windows
 
 
 class ReplayBuffer:
@@ -131,3 +132,98 @@ class MixedSampler:
         if offline.mc_returns is None:
             online = online.replace(mc_returns=None)
         return stack([offline, online])
+
+
+WINDOW_KEYS = ("observations", "actions", "rewards", "returns_to_go", "timesteps")
+
+
+class TrajectoryReplay:
+    """The Online Decision Transformer's replay (Zheng et al. 2022, §4.1): at most `capacity` whole trajectories.
+
+    It starts with the data's `capacity` best trajectories by return, and each online episode replaces the
+    oldest one, the data's worst first (first in, first out, as the authors' code). Equivalently the replay
+    is the last `capacity` trajectories of one sequence, the offline ones by ascending return and then the
+    online episodes in the order they were added, so the replay that batch k sees is a window of an
+    append-only store, set by how many online episodes that batch may see.
+
+    Online episodes are stored with hindsight returns-to-go: R̂_t = Σ_{t' ≥ t} r_t', the rewards actually
+    received (the paper's hindsight return relabelling), not the exploration return they were conditioned on.
+    `online_steps` bounds the steps all online episodes may hold together.
+    """
+
+    def __init__(self, offline: Transitions, capacity: int, online_steps: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the trajectory replay must hold at least one trajectory, got capacity {capacity}.")
+        self.capacity, self.discrete = capacity, offline.spec.discrete
+        c = offline.columns
+        returns = torch.zeros(len(offline.episode_lengths), dtype=torch.float64).index_add_(0, c["episode_ids"].long(), c["rewards"].double())
+        best = returns.argsort(stable=True)[-capacity:]  # ascending: the worst kept trajectory is replaced first
+        lengths = offline.episode_lengths[best]
+        starts = torch.cumsum(lengths, 0) - lengths
+        rows = torch.arange(int(lengths.sum())) + torch.repeat_interleave(offline.episode_starts[best] - starts, lengths)
+        self.offline_rows, self.offline_episodes = len(rows), len(best)
+        self.columns = {k: torch.cat([c[k][rows], c[k].new_zeros((online_steps, *c[k].shape[1:]))]) for k in WINDOW_KEYS}
+        self.columns["timesteps"] = self.columns["timesteps"].long()
+        self.starts, self.lengths = starts, lengths  # per stored trajectory, offline then online
+        self.size = self.offline_rows
+
+    @property
+    def online_episodes(self) -> int:
+        return len(self.lengths) - self.offline_episodes
+
+    def add(self, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
+        """Append one finished online episode (T steps), its returns-to-go relabelled in hindsight."""
+        steps = len(rewards)
+        if self.size + steps > len(self.columns["rewards"]):
+            raise RuntimeError(f"the trajectory replay's online storage is full ({len(self.columns['rewards']) - self.offline_rows} steps)")
+        rewards = torch.as_tensor(np.asarray(rewards), dtype=torch.float32)
+        new = {
+            "observations": torch.as_tensor(np.asarray(observations), dtype=torch.float32),
+            "actions": torch.as_tensor(np.asarray(actions), dtype=self.columns["actions"].dtype),
+            "rewards": rewards,
+            "returns_to_go": rewards.double().flip(0).cumsum(0).flip(0).float(),
+            "timesteps": torch.arange(steps),
+        }
+        for key, value in new.items():
+            self.columns[key][self.size : self.size + steps] = value
+        self.starts = torch.cat([self.starts, torch.tensor([self.size])])
+        self.lengths = torch.cat([self.lengths, torch.tensor([steps])])
+        self.size += steps
+
+    def sample(self, batch_size: int, context_len: int, generator: torch.Generator, rows: slice, online_episodes: int) -> WindowBatch:
+        """DT windows from the replay as it was once `online_episodes` online episodes had been added."""
+        if online_episodes > self.online_episodes:
+            raise RuntimeError(f"a batch may see {online_episodes} online episodes but only {self.online_episodes} were collected")
+        stop = self.offline_episodes + online_episodes
+        kept = slice(max(0, stop - self.capacity), stop)
+        return sample_windows(self.columns, self.starts[kept], self.lengths[kept], self.discrete, batch_size, context_len, generator, rows)
+
+    def state_dict(self) -> dict:
+        """The online episodes (the offline part is rebuilt from the data); tensors only."""
+        return {
+            "lengths": self.lengths[self.offline_episodes :].clone(),
+            "columns": {k: v[self.offline_rows : self.size].clone() for k, v in self.columns.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        lengths = state["lengths"]
+        steps = int(lengths.sum())
+        if self.offline_rows + steps > len(self.columns["rewards"]):
+            raise ValueError(f"the saved trajectory replay holds {steps} online steps, more than this run's storage")
+        for key, value in state["columns"].items():
+            self.columns[key][self.offline_rows : self.offline_rows + steps] = value
+        self.starts = torch.cat([self.starts[: self.offline_episodes], self.offline_rows + torch.cumsum(lengths, 0) - lengths])
+        self.lengths = torch.cat([self.lengths[: self.offline_episodes], lengths])
+        self.size = self.offline_rows + steps
+
+
+@dataclasses.dataclass
+class TrajectorySampler:
+    """DT windows from a `TrajectoryReplay` as batch k sees it: `visible(k)` online episodes added."""
+
+    replay: TrajectoryReplay
+    context_len: int
+    visible: Callable[[int], int]
+
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None), update: int = 0) -> Batch:
+        return self.replay.sample(batch_size, self.context_len, generator, rows, self.visible(update))

@@ -154,35 +154,50 @@ class Transitions:
         return TransitionBatch(**batch)
 
     def sample_windows(self, batch_size: int, context_len: int, generator: torch.Generator, rows: slice = slice(None)) -> WindowBatch:
-        """Rows `rows` of a batch of DT windows (B, K, ...), left-padded, episodes drawn in proportion to their length.
+        """Rows `rows` of a batch of DT windows over every episode (see `sample_windows`)."""
+        return sample_windows(self.columns, self.episode_starts, self.episode_lengths, self.spec.discrete, batch_size, context_len, generator, rows)
 
-        A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
-        (near the episode's end) are left-padded so the newest step is always at position K-1.
-        """
-        episodes = torch.multinomial(self.episode_lengths.float(), batch_size, replacement=True, generator=generator)
-        u = torch.rand(batch_size, generator=generator)
-        episodes, u = episodes[rows], u[rows]  # this process's rows of the global batch
-        lengths = self.episode_lengths[episodes]
-        start = (u * lengths).long()  # uniform in [0, len)
-        n_valid = torch.clamp(lengths - start, max=context_len)  # (B,)
-        offset = torch.arange(context_len) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
-        mask = offset >= 0
-        idx = self.episode_starts[episodes, None] + start[:, None] + offset.clamp(min=0)  # (B, K)
-        c = self.columns
-        observations = c["observations"][idx] * mask[..., None]
-        actions = c["actions"][idx]
-        if self.spec.discrete:
-            actions = torch.where(mask, actions, 0)
-        else:
-            actions = torch.where(mask[..., None], actions, PAD_ACTION)
-        return WindowBatch(
-            observations=observations,
-            actions=actions,
-            returns_to_go=(c["returns_to_go"][idx] * mask)[..., None],
-            rewards=(c["rewards"][idx] * mask)[..., None],
-            timesteps=c["timesteps"][idx].long() * mask,
-            mask=mask.long(),
-        )
+
+def sample_windows(
+    columns: dict[str, torch.Tensor],
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    discrete: bool,
+    batch_size: int,
+    context_len: int,
+    generator: torch.Generator,
+    rows: slice = slice(None),
+) -> WindowBatch:
+    """Rows `rows` of a batch of DT windows (B, K, ...), left-padded, from the episodes at rows
+    [starts[e], starts[e] + lengths[e]) of the flat `columns`, drawn in proportion to their length.
+
+    A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
+    (near the episode's end) are left-padded so the newest step is always at position K-1.
+    """
+    episodes = torch.multinomial(lengths.float(), batch_size, replacement=True, generator=generator)
+    u = torch.rand(batch_size, generator=generator)
+    episodes, u = episodes[rows], u[rows]  # this process's rows of the global batch
+    length = lengths[episodes]
+    start = (u * length).long()  # uniform in [0, len)
+    n_valid = torch.clamp(length - start, max=context_len)  # (B,)
+    offset = torch.arange(context_len) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
+    mask = offset >= 0
+    idx = starts[episodes, None] + start[:, None] + offset.clamp(min=0)  # (B, K)
+    c = columns
+    observations = c["observations"][idx] * mask[..., None]
+    actions = c["actions"][idx]
+    if discrete:
+        actions = torch.where(mask, actions, 0)
+    else:
+        actions = torch.where(mask[..., None], actions, PAD_ACTION)
+    return WindowBatch(
+        observations=observations,
+        actions=actions,
+        returns_to_go=(c["returns_to_go"][idx] * mask)[..., None],
+        rewards=(c["rewards"][idx] * mask)[..., None],
+        timesteps=c["timesteps"][idx].long() * mask,
+        mask=mask.long(),
+    )
 
 
 @dataclasses.dataclass
