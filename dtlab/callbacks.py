@@ -268,7 +268,7 @@ class RunReport(Callback):
         csv = self.metrics_csv(trainer)
         history = read_metrics(csv) if csv is not None else {}
         if "online/env_steps" in history:  # an online fine-tuning run
-            lines.append(f"online       {int(history['online/env_steps'][1][-1])} env steps collected (warm-up included)")
+            lines.append(f"online       {int(history['online/env_steps'][1][-1])} env steps collected (any warm-up included)")
         if "eval/return" in history and len(history["eval/return"][0]) > 1:
             steps, values = history["eval/return"]
             best = int(np.argmax(values))

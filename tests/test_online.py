@@ -270,18 +270,24 @@ def odt_replay_of(checkpoint: Path) -> dict:
     return next(v for k, v in state.items() if "OnlineDecisionTransformer" in k)
 
 
-def test_online_decision_transformer_collects_rounds_relabels_returns_and_resumes_exactly(inverted_pendulum_id, tmp_path):
-    """The Online DT in rounds of 3 updates after 2 episodes each, 30 env steps: training stops at the end of the
-    round that spent them; online episodes carry hindsight returns-to-go; two seeded runs collect the same
-    episodes; a run resumed mid-round reaches the straight run's parameters and replay."""
-    common = ["--data.dataset_id", inverted_pendulum_id, "--data.batch_size", "8", "--evaluation.episodes", "1", *TINY_DT]
+def odt_args(dataset_id: str, tmp_path: Path) -> list[str]:
+    """A tiny stochastic DT trained offline for 3 updates, and the arguments of its online phase: rounds of 2
+    episodes then 3 updates, 30 env steps, a replay of 15 trajectories."""
+    common = ["--data.dataset_id", dataset_id, "--data.batch_size", "8", "--evaluation.episodes", "1", *TINY_DT]
     common += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     run_cli(["fit", "-c", str(CONF / "dt.yaml"), *common, "--trainer.max_steps", "3", "--runs_dir", str(tmp_path / "offline")])
     pretrained = str(next((tmp_path / "offline").rglob("last.ckpt")))
     online = ["fit", "-c", str(CONF / "dt.yaml"), "-c", str(CONF / "finetune" / "dt.yaml"), *common, "--pretrained", pretrained]
     online += ["--trainer.callbacks.init_args.env_steps", "30", "--trainer.callbacks.init_args.updates_per_round", "3"]
     online += ["--trainer.callbacks.init_args.episodes_per_round", "2", "--trainer.callbacks.init_args.replay_trajectories", "15"]
-    online += ["--data.steps_per_epoch", "4", "--trainer.log_every_n_steps", "1"]
+    return online + ["--data.steps_per_epoch", "4", "--trainer.log_every_n_steps", "1"]
+
+
+def test_online_decision_transformer_collects_rounds_relabels_returns_and_resumes_exactly(inverted_pendulum_id, tmp_path):
+    """The Online DT in rounds of 3 updates after 2 episodes each, 30 env steps: training stops at the end of the
+    round that spent them; online episodes carry hindsight returns-to-go; two seeded runs collect the same
+    episodes; a run resumed mid-round reaches the straight run's parameters and replay."""
+    online = odt_args(inverted_pendulum_id, tmp_path)
     every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
     every += ["--trainer.callbacks.filename", "at-{step}"]
 
@@ -315,3 +321,23 @@ def test_online_decision_transformer_collects_rounds_relabels_returns_and_resume
     assert any(r.get("online/episode_return") for r in rows)
     summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
     assert summary["env_steps"] == state["collected"]
+
+
+def test_a_non_finite_observation_stops_the_online_dt_and_names_the_last_good_checkpoint(inverted_pendulum_id, tmp_path, monkeypatch):
+    import dtlab.envs
+    from dtlab.online import OnlineError
+
+    make_vector_env = dtlab.envs.make_vector_env
+
+    class Broken(gym.vector.VectorWrapper):
+        steps = 0
+
+        def step(self, actions):
+            obs, *rest = self.env.step(actions)
+            Broken.steps += 1
+            return (obs * np.nan if Broken.steps > 40 else obs), *rest
+
+    online = odt_args(inverted_pendulum_id, tmp_path)  # the offline run's evaluation envs are not broken
+    monkeypatch.setattr(dtlab.envs, "make_vector_env", lambda spec, n: Broken(make_vector_env(spec, n)) if n == 2 else make_vector_env(spec, n))
+    with pytest.raises(OnlineError, match=r"non-finite observation at a step \(online step \d+\).*last good checkpoint: "):
+        run_cli([*online, "--runs_dir", str(tmp_path / "online"), "--trainer.callbacks.init_args.env_steps", "1000"])
