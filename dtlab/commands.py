@@ -198,7 +198,7 @@ def evaluate(
     return result
 
 
-def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None) -> None:
+def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None, table: bool = False) -> None:
     """Learning curves of one or many runs from their metrics.csv: the evaluation score (normalised where the
     data has references, else the return) and every training loss, against updates. Runs that share a name
     (runs/<name>/version_N: several seeds of one config) are drawn as their mean with a ± std band.
@@ -206,13 +206,16 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
         dtlab plot runs/iql                       # every version of runs/iql, as seeds
         dtlab plot runs/iql runs/td3bc --out compare.png
         dtlab plot runs/iql/version_0 --labels '[IQL seed 0]'
+        dtlab plot runs_on_0/iql/version_0 runs_on_1/iql/version_0 --labels '[IQL online]' --table
 
     Args:
         runs: run folders (runs/<name>/version_N), folders of versions (runs/<name>), or metrics.csv files.
         out: the PNG to write.
         labels: legend labels, one per group (default: the run names).
+        table: also print each group's score at every evaluation its runs share (mean ± std and each run's;
+            online runs with the env steps collected by then) as a markdown table.
     """
-    from dtlab.plots import find_metrics, plot_learning_curves
+    from dtlab.plots import find_metrics, plot_learning_curves, score_table
 
     groups = find_metrics(runs)
     if labels is not None:
@@ -222,6 +225,11 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
     path = plot_learning_curves(groups, out)
     described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
     print(f"{path}: {', '.join(described)}")
+    if table:
+        try:
+            print(score_table(groups))
+        except ValueError as err:
+            raise UsageError(f"--table: {err}") from None
 
 
 def _run_dir(checkpoint: str) -> Path | None:

@@ -91,6 +91,32 @@ def find_metrics(runs: Sequence[str | Path]) -> dict[str, list[Path]]:
     return groups
 
 
+def score_table(groups: dict[str, Sequence[str | Path]]) -> str:
+    """A markdown table of each group's evaluation score (normalised where logged, else the return) at every
+    evaluation its runs share: mean ± std over the runs and each run's value; online runs also give the env
+    steps collected by then (their mean over the runs)."""
+    lines = []
+    for name, files in groups.items():
+        runs = [read_metrics(f) for f in files]
+        score = "eval/normalized_score" if all("eval/normalized_score" in r for r in runs) else "eval/return"
+        if not all(score in r for r in runs):
+            raise ValueError(f"{name}: not every run logged {score}.")
+        online = all("online/env_steps" in r for r in runs)
+        env_steps = [against_env_steps(r)[score][0] for r in runs] if online else None
+        shared = sorted(set.intersection(*(set(r[score][0].tolist()) for r in runs)))
+        lines += [f"{name} ({len(runs)} run{'s' if len(runs) > 1 else ''}): {score}", ""]
+        lines += ["| updates |" + (" env steps |" if online else "") + " mean ± std | runs |", "| --- |" + (" --- |" if online else "") + " --- | --- |"]
+        for update in shared:
+            values = np.array([r[score][1][r[score][0] == update][-1] for r in runs])
+            cells = [f"{update:g}" if update > 0 else "0 (start)"]
+            if online:
+                cells.append(f"{np.mean([e[r[score][0] == update][-1] for e, r in zip(env_steps, runs)]):.0f}")
+            cells += [f"{values.mean():.1f} ± {values.std():.1f}", " / ".join(f"{v:.1f}" for v in values)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Path, title: str = "") -> Path:
     """PNG of learning curves: the evaluation score (eval/normalized_score where any run has it, else
     eval/return) and each train/* metric against updates, one line per group (name -> metrics.csv files);

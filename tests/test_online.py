@@ -217,6 +217,26 @@ def test_online_runs_are_plotted_against_environment_steps(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_the_score_table_gives_mean_std_and_env_steps_at_the_evaluations_the_runs_share(tmp_path, capsys):
+    from dtlab.cli import main
+
+    runs = []
+    for k, (score, steps) in enumerate([((-5, -3, -1), (21, 23)), ((-7, -1, 1), (25, 27))]):
+        run = tmp_path / f"runs_{k}" / "iql" / "version_0"
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text(
+            "step,online/env_steps,eval/return\n"
+            f"-1,0,{score[0]}\n0,{steps[0]},\n1,{steps[1]},{score[1]}\n3,{steps[1] + 2},{score[2]}\n" + ("5,40,9\n" if k == 0 else "")
+        )
+        runs.append(str(run))
+    main(["plot", *runs, "--labels", "[IQL online]", "--table", "--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "IQL online (2 runs): eval/return" in out
+    assert "| 0 (start) | 0 | -6.0 ± 1.0 | -5.0 / -7.0 |" in out
+    assert "| 2 | 25 | -2.0 ± 1.0 | -3.0 / -1.0 |" in out and "| 4 | 27 | 0.0 ± 1.0 | -1.0 / 1.0 |" in out
+    assert "| 6 |" not in out, "only the evaluations every run made"
+
+
 def test_the_trajectory_replay_starts_from_the_best_trajectories_and_replaces_the_oldest_first(pendulum_id):
     """ODT's replay with room for 3: the data's 3 best episodes, then each online episode pushes out the
     oldest (the worst offline one first); online returns-to-go are the rewards actually received."""
