@@ -306,7 +306,7 @@ def odt_args(dataset_id: str, tmp_path: Path) -> list[str]:
 def test_online_decision_transformer_collects_rounds_relabels_returns_and_resumes_exactly(inverted_pendulum_id, tmp_path):
     """The Online DT in rounds of 3 updates after 2 episodes each, 30 env steps: training stops at the end of the
     round that spent them; online episodes carry hindsight returns-to-go; two seeded runs collect the same
-    episodes; a run resumed mid-round reaches the straight run's parameters and replay."""
+    episodes; a run resumed at a round's start or mid-round reaches the straight run's parameters and replay."""
     online = odt_args(inverted_pendulum_id, tmp_path)
     every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
     every += ["--trainer.callbacks.filename", "at-{step}"]
@@ -328,13 +328,14 @@ def test_online_decision_transformer_collects_rounds_relabels_returns_and_resume
     again = odt_replay_of(next((tmp_path / "b").rglob("last.ckpt")))["replay"]
     assert torch.equal(again["lengths"], lengths) and all(torch.equal(again["columns"][k], columns[k]) for k in columns)
 
-    mid_round = next((tmp_path / "a").rglob("at-step=4.ckpt"))
-    resumed = run_cli([*online, "--runs_dir", str(tmp_path / "c"), "--ckpt_path", str(mid_round)])
-    assert resumed.trainer.global_step == straight.trainer.global_step
-    a, c = straight.model.state_dict(), resumed.model.state_dict()
-    assert not [k for k in a if not torch.equal(a[k], c[k])], "parameters differ after resuming mid-round"
-    replay_c = odt_replay_of(next((tmp_path / "c").rglob("last.ckpt")))["replay"]
-    assert torch.equal(replay_c["lengths"], lengths) and all(torch.equal(replay_c["columns"][k], columns[k]) for k in columns)
+    for step in (3, 4):  # at a round's start (its episodes not collected yet), and mid-round
+        checkpoint = next((tmp_path / "a").rglob(f"at-step={step}.ckpt"))
+        resumed = run_cli([*online, "--runs_dir", str(tmp_path / f"c{step}"), "--ckpt_path", str(checkpoint)])
+        assert resumed.trainer.global_step == straight.trainer.global_step
+        a, c = straight.model.state_dict(), resumed.model.state_dict()
+        assert not [k for k in a if not torch.equal(a[k], c[k])], f"parameters differ after resuming from update {step}"
+        replay_c = odt_replay_of(next((tmp_path / f"c{step}").rglob("last.ckpt")))["replay"]
+        assert torch.equal(replay_c["lengths"], lengths) and all(torch.equal(replay_c["columns"][k], columns[k]) for k in columns)
 
     rows = _csv_rows(tmp_path / "a")
     assert [r for r in rows if r.get("online/env_steps") == "0.0" and r.get("eval/return")], "the offline DT is evaluated at env step 0"
