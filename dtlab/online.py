@@ -1,8 +1,8 @@
 """Offline-to-online fine-tuning: the online phase as a Lightning callback.
 
-`OnlineFinetuning` (IQL, CQL, Cal-QL, TD3+BC) steps the dataset's environment with the model's exploring policy before each update,
-stores the transitions (terminations and truncations kept apart) in a `ReplayBuffer`, and makes the
-DataModule serve balanced replay: each batch a share `mixing_ratio` of online rows, the rest offline rows
+`OnlineFinetuning` (IQL, CQL, Cal-QL, TD3+BC) steps the dataset's environment with the model's exploring
+policy before each update, stores the transitions (terminations and truncations kept apart) in a
+`ReplayBuffer`, and makes the DataModule serve balanced replay: each batch a share `mixing_ratio` of online rows, the rest offline rows
 (CORL's finetune scripts and Cal-QL use 0.5). The algorithms are unchanged: IQL, CQL, Cal-QL and TD3+BC
 train on the mixed batches with their own losses; Cal-QL's bound uses the Monte-Carlo returns of online
 episodes once they have ended.
@@ -23,6 +23,7 @@ The Online DT collects whole episodes at round starts, so its replay and round c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -34,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns, last_good_checkpoint, return_summary
 from dtlab.data.module import stream_seed
 from dtlab.data.replay import MixedSampler, ReplayBuffer, TrajectoryReplay, TrajectorySampler
+from dtlab.data.samplers import OfflineSampler, Sampler
 
 
 class OnlineError(RuntimeError):
@@ -48,7 +50,7 @@ class OnlinePhase(Callback):
     collected: int  # env steps so far
     finished: list[float]  # returns of the episodes ended since the last log
 
-    def bind(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler) -> None:
+    def bind(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler: Callable[[OfflineSampler], Sampler]) -> None:
         """Check that the data names an environment and hand the DataModule the online sampler
         (`sampler(offline)` builds it around the offline sampler)."""
         spec = pl_module.spec

@@ -164,8 +164,8 @@ class OfflineDataModule(L.LightningDataModule):
         return model.batch_format if model is not None else BatchFormat()
 
     def sampler(self) -> Sampler:
-        """The offline sampler, or during an online phase (dtlab.online.OnlineFinetuning sets `mix_online`)
-        the balanced replay of offline and online data built around it."""
+        """The offline sampler, or during an online phase (dtlab.online sets `mix_online`) the sampler built
+        around it: balanced replay of offline and online transitions, or the Online DT's trajectory replay."""
         offline = OfflineSampler(self.transitions, self.batch_format())
         return offline if self.mix_online is None else self.mix_online(offline)
 
