@@ -96,9 +96,7 @@ def _build(spec: DatasetSpec, build: Callable[[EnvSpec], gym.Env | gym.vector.Ve
 
 
 class StepHook(Protocol):
-    def __call__(
-        self, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_observations: np.ndarray, ended: np.ndarray, running: np.ndarray
-    ) -> None: ...
+    def __call__(self, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_observations: np.ndarray, running: np.ndarray) -> None: ...
 
 
 def rollout(
@@ -117,7 +115,7 @@ def rollout(
         next_observations, rewards, terminated, truncated, _ = env.step(actions)
         ended = terminated | truncated
         if on_step is not None:
-            on_step(observations, actions, rewards, next_observations, ended, ~done)
+            on_step(observations, actions, rewards, next_observations, ~done)
         observations = next_observations
         returns += np.where(done, 0.0, rewards)
         lengths += ~done

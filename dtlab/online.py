@@ -49,6 +49,7 @@ class OnlinePhase(Callback):
 
     collected: int  # env steps so far
     finished: list[float]  # returns of the episodes ended since the last log
+    restored: dict[str, Any] | None  # the checkpoint's state, until the run starts
 
     def bind(self, trainer: L.Trainer, pl_module: L.LightningModule, sampler: Callable[[OfflineSampler], Sampler]) -> None:
         """Check that the data names an environment and hand the DataModule the online sampler
@@ -95,6 +96,9 @@ class OnlinePhase(Callback):
         metrics = eval_metrics(returns, targets, pl_module.spec) | {"online/env_steps": 0.0}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step - 1)  # before the first update
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored = state_dict or None  # applied in on_train_start, once the buffers exist
 
     def message(self, what: str) -> str:
         return f"Online fine-tuning stopped: {what}. No checkpoint was written after it (last good checkpoint: {last_good_checkpoint(self.trainer)})."
@@ -223,9 +227,6 @@ class OnlineFinetuning(OnlinePhase):
             "actions": [torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in self.actions],
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.restored = state_dict or None
-
     def restore(self, state: dict[str, Any]) -> None:
         """The buffer, and each environment where it was: reset with its episode's seed, the actions replayed."""
         self.buffer.load_state_dict(state["buffer"])
@@ -336,7 +337,7 @@ class OnlineDecisionTransformer(OnlinePhase):
         n = self.episodes_per_round
         steps: list[list[tuple[np.ndarray, np.ndarray, float]]] = [[] for _ in range(n)]
 
-        def record(observations, actions, rewards, next_observations, ended, running) -> None:
+        def record(observations, actions, rewards, next_observations, running) -> None:
             for env in np.flatnonzero(running):
                 self.checked(next_observations[env], int(env), "a step")
                 steps[env].append((observations[env], actions[env], float(rewards[env])))
@@ -362,9 +363,6 @@ class OnlineDecisionTransformer(OnlinePhase):
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.replay is None else {"replay": self.replay.state_dict(), "collected": self.collected}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.restored = state_dict or None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(self, "envs", None) is not None:
