@@ -81,8 +81,10 @@ class OnlinePhase(Callback):
         for logger in trainer.loggers:  # straight to the loggers: a value is written once, when it is new
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:  # the exact total, whatever the logging interval (the run summary reads it)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The env steps behind each epoch-end evaluation, exact whatever the logging interval: the plots and
+        # `dtlab plot --table` map updates to env steps through them, and the run summary reads the last.
+        for logger in trainer.loggers:
             logger.log_metrics({"online/env_steps": float(self.collected)}, step=trainer.global_step - 1)
 
     def offline_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -300,7 +300,7 @@ def odt_args(dataset_id: str, tmp_path: Path) -> list[str]:
     online = ["fit", "-c", str(CONF / "dt.yaml"), "-c", str(CONF / "finetune" / "dt.yaml"), *common, "--pretrained", pretrained]
     online += ["--trainer.callbacks.init_args.env_steps", "30", "--trainer.callbacks.init_args.updates_per_round", "3"]
     online += ["--trainer.callbacks.init_args.episodes_per_round", "2", "--trainer.callbacks.init_args.replay_trajectories", "15"]
-    return online + ["--data.steps_per_epoch", "4", "--trainer.log_every_n_steps", "1"]
+    return online + ["--data.steps_per_epoch", "2", "--trainer.log_every_n_steps", "1"]
 
 
 def test_online_decision_transformer_collects_rounds_relabels_returns_and_resumes_exactly(inverted_pendulum_id, tmp_path):
@@ -339,6 +339,11 @@ def test_online_decision_transformer_collects_rounds_relabels_returns_and_resume
 
     rows = _csv_rows(tmp_path / "a")
     assert [r for r in rows if r.get("online/env_steps") == "0.0" and r.get("eval/return")], "the offline DT is evaluated at env step 0"
+    # logged at each epoch end (every 2 updates, row step = updates − 1) apart from the round starts (multiples of 3)
+    at_epoch_ends = {int(r["step"]): float(r["online/env_steps"]) for r in rows if r.get("online/env_steps") and int(r["step"]) % 3 != 0}
+    assert 1 in at_epoch_ends and all(value == float(lengths[: 2 * (step // 3 + 1)].sum()) for step, value in at_epoch_ends.items()), (
+        "the env steps behind each evaluation: those of the rounds begun by then"
+    )
     assert any(r.get("online/episode_return") for r in rows)
     summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
     assert summary["env_steps"] == state["collected"]
