@@ -242,7 +242,7 @@ def test_the_trajectory_replay_starts_from_the_best_trajectories_and_replaces_th
     oldest (the worst offline one first); online returns-to-go are the rewards actually received."""
     data = OfflineDataModule(pendulum_id).transitions
     ids, rewards = data.columns["episode_ids"].long(), data.columns["rewards"].double()
-    returns = torch.zeros(len(data.episode_lengths), dtype=torch.float64).index_add_(0, ids, rewards)
+    returns = torch.zeros(len(data.episode_lengths), dtype=torch.float64).index_add_(0, ids, rewards)  # computed here, not by dtlab
     best = returns.argsort()[-3:].tolist()  # ascending
     replay = TrajectoryReplay(data, capacity=3, online_steps=100)
 

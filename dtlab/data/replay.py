@@ -156,8 +156,7 @@ class TrajectoryReplay:
             raise ValueError(f"the trajectory replay must hold at least one trajectory, got capacity {capacity}.")
         self.capacity, self.discrete = capacity, offline.spec.discrete
         c = offline.columns
-        returns = torch.zeros(len(offline.episode_lengths), dtype=torch.float64).index_add_(0, c["episode_ids"].long(), c["rewards"].double())
-        best = returns.argsort(stable=True)[-capacity:]  # ascending: the worst kept trajectory is replaced first
+        best = offline.episode_returns.argsort(stable=True)[-capacity:]  # ascending: the worst kept trajectory is replaced first
         lengths = offline.episode_lengths[best]
         starts = torch.cumsum(lengths, 0) - lengths
         rows = torch.arange(int(lengths.sum())) + torch.repeat_interleave(offline.episode_starts[best] - starts, lengths)

@@ -121,6 +121,7 @@ class Transitions:
                 self.columns[key] = view.reshape(self.columns[key].shape) if self.columns[key].dtype.is_floating_point else self.columns[key]
         episode_ids = self.columns["episode_ids"].long()
         self.episode_lengths = torch.bincount(episode_ids)
+        self.episode_returns = torch.bincount(episode_ids, weights=self.columns["rewards"].double())  # undiscounted
         self.episode_starts = torch.cumsum(self.episode_lengths, 0) - self.episode_lengths
         self._discounted: dict[float, torch.Tensor] = {}
 
