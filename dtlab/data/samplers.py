@@ -10,6 +10,7 @@ offline/online mixture plugs in as another `Sampler`, without touching the algor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Literal, Protocol
 
@@ -121,12 +122,16 @@ class Transitions:
                 self.columns[key] = view.reshape(self.columns[key].shape) if self.columns[key].dtype.is_floating_point else self.columns[key]
         episode_ids = self.columns["episode_ids"].long()
         self.episode_lengths = torch.bincount(episode_ids)
-        self.episode_returns = torch.bincount(episode_ids, weights=self.columns["rewards"].double())  # undiscounted
         self.episode_starts = torch.cumsum(self.episode_lengths, 0) - self.episode_lengths
         self._discounted: dict[float, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.columns["rewards"])
+
+    @functools.cached_property
+    def episode_returns(self) -> torch.Tensor:
+        """Each episode's undiscounted return (float64), computed on first use (the Online DT's replay ranks by it)."""
+        return torch.bincount(self.columns["episode_ids"].long(), weights=self.columns["rewards"].double())
 
     def discounted_returns(self, gamma: float) -> torch.Tensor:
         """Monte-Carlo discounted return from each transition to its episode's end (zero tail),
