@@ -205,7 +205,8 @@ class DecisionTransformer(OfflineRLModule):
             vocab_size=1,
             bos_token_id=None,
             eos_token_id=None,
-            attn_implementation="sdpa",
+            # DT supports SDPA in recent transformers (5.24) but not in 5.17, which refuses it: eager attention there.
+            attn_implementation="sdpa" if DecisionTransformerModel._supports_sdpa else "eager",
         )
         model = DecisionTransformerModel(config)
         # Parts of the HF model DT never uses (token ids, next-state/return heads): frozen, so DDP
