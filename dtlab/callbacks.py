@@ -37,26 +37,34 @@ def episode_seeds(seed: int, episodes: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_returns(module: L.LightningModule, seeds: Sequence[int], targets: Sequence[float] | None = None, progress: bool = False) -> np.ndarray:
+def evaluate_returns(
+    module: L.LightningModule, seeds: Sequence[int] | Sequence[Sequence[int]], targets: Sequence[float] | None = None, progress: bool = False
+) -> np.ndarray:
     """Greedy returns of one episode per seed, all in one vector env: (len(seeds),), or with `targets`
-    (return-conditioned models) (len(targets), len(seeds)), every target on the same seeds."""
-    n, k = len(seeds), 1 if targets is None else len(targets)
+    (return-conditioned models) (len(targets), len(seeds)), every target on the same seeds. A model with seeds as
+    members gives (S, n): each member plays its own episodes, on `seeds` or, given one list per member, on its own."""
+    member_seeds = getattr(module, "member_seeds", None)
+    if member_seeds is not None and len(seeds) and not isinstance(seeds[0], (int, np.integer)):
+        rows = [list(s) for s in seeds]  # one list of episode seeds per member
+    else:
+        rows = [list(seeds)] * (len(targets) if targets is not None else 1 if member_seeds is None else len(member_seeds))
+    n, k = len(rows[0]), len(rows)
     env = make_vector_env(module.spec, n * k)
     was_training = module.training
     module.eval()
     bar = tqdm(total=n * k, desc="evaluating", unit="episode", leave=False, disable=not progress)
     try:
         if targets is None:
-            agent = module.make_agent(n)
+            agent = module.make_agent(n * k)
         else:
             next_step = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP) == AutoresetMode.NEXT_STEP
             agent = module.make_agent(n * k, np.repeat(np.asarray(targets, dtype=np.float64), n), next_step_autoreset=next_step)
-        returns, _ = rollout(agent, env, list(seeds) * k, on_episode_end=bar.update)
+        returns, _ = rollout(agent, env, [seed for row in rows for seed in row], on_episode_end=bar.update)
     finally:
         bar.close()
         env.close()
         module.train(was_training)
-    return returns if targets is None else returns.reshape(k, n)
+    return returns if targets is None and member_seeds is None else returns.reshape(k, n)
 
 
 def return_summary(returns: np.ndarray, spec: DatasetSpec) -> dict[str, float]:
@@ -82,6 +90,39 @@ def eval_metrics(returns: np.ndarray, targets: Sequence[float] | None, spec: Dat
     return metrics
 
 
+def interquartile_mean(values: np.ndarray) -> float:
+    """The mean of the middle half: ⌊n/4⌋ values trimmed at each end (rliable's IQM, scipy's trim_mean(0.25))."""
+    values, cut = np.sort(np.asarray(values, dtype=np.float64)), len(values) // 4
+    return float(values[cut : len(values) - cut].mean())
+
+
+def bootstrap_ci(values: np.ndarray, statistic=interquartile_mean, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` over runs resampled with replacement (rliable's, over seeds)."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
+    stats = np.array([statistic(values[d]) for d in draws])
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
+
+
+def member_metrics(returns: np.ndarray, seeds: Sequence[int], spec: DatasetSpec) -> dict[str, float]:
+    """Metrics of (members, episodes) returns: eval/return and eval/normalized_score over every member's
+    episodes; per member eval/.../seed_<s>; and over the members' means, the std, the interquartile mean and
+    its 95% bootstrap interval (eval/normalized_score/iqm, iqm_low, iqm_high; of eval/return without references)."""
+    has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
+    names = {"return": returns} | ({"normalized_score": spec.normalized_score(returns)} if has_refs else {})
+    metrics: dict[str, float] = {}
+    for name, values in names.items():
+        per_member = np.asarray(values, dtype=np.float64).mean(axis=1)
+        metrics[f"eval/{name}"] = float(per_member.mean())
+        metrics |= {f"eval/{name}/seed_{seed}": float(v) for seed, v in zip(seeds, per_member)}
+    primary = "normalized_score" if has_refs else "return"
+    per_member = np.array([metrics[f"eval/{primary}/seed_{seed}"] for seed in seeds])
+    low, high = bootstrap_ci(per_member)
+    metrics |= {f"eval/{primary}/std": float(per_member.std()), f"eval/{primary}/iqm": interquartile_mean(per_member)}
+    return metrics | {f"eval/{primary}/iqm_low": low, f"eval/{primary}/iqm_high": high}
+
+
 class EnvEvaluation(Callback):
     """Scores the policy in its dataset's environment at the end of every `every_n_epochs`-th training
     epoch and of the last one: `eval/return` and, where the data has reference returns,
@@ -95,7 +136,10 @@ class EnvEvaluation(Callback):
     Args:
         episodes: episodes per evaluation (per target for return-conditioned models); 0 disables evaluation.
         every_n_epochs: evaluate every n training epochs (an epoch is data.steps_per_epoch updates).
-        seed: episode i is reset with seed 1_000_003 · seed + i, the same at every evaluation.
+        seed: episode i is reset with seed 1_000_003 · seed + i, the same at every evaluation. A model with seeds as
+            members (`seeds`) logs each member's score, eval/normalized_score/seed_<s> (its episodes are those of
+            `seed` s), their mean as eval/normalized_score, and their std, interquartile mean and its 95% bootstrap
+            interval (eval/normalized_score/std, iqm, iqm_low, iqm_high).
     """
 
     def __init__(self, episodes: NonNegativeInt = 10, every_n_epochs: PositiveInt = 1, seed: int = 0) -> None:
@@ -115,21 +159,25 @@ class EnvEvaluation(Callback):
         if self.enabled(pl_module) and ((trainer.current_epoch + 1) % self.every_n_epochs == 0 or last):
             self.evaluate(trainer, pl_module)
 
-    def rank_seeds(self, rank: int, world_size: int) -> list[int]:
-        """This rank's share of the episode seeds: episode i on rank i mod world size."""
-        return episode_seeds(self.seed, self.episodes)[rank::world_size]
+    def rank_seeds(self, rank: int, world_size: int, seed: int | None = None) -> list[int]:
+        """This rank's share of the episode seeds (of `seed`, default the evaluation's): episode i on rank i mod world size."""
+        return episode_seeds(self.seed if seed is None else seed, self.episodes)[rank::world_size]
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seeds = self.rank_seeds(trainer.global_rank, trainer.world_size)
-        targets = getattr(pl_module, "eval_targets", None)
-        n_targets = 1 if targets is None else len(targets)
+        rank, world = trainer.global_rank, trainer.world_size
+        targets, members = getattr(pl_module, "eval_targets", None), getattr(pl_module, "member_seeds", None)
+        # With seeds as members, the member of seed s plays the episodes of a single-seed run's `--evaluation.seed s`.
+        seeds = self.rank_seeds(rank, world) if members is None else [self.rank_seeds(rank, world, s) for s in members]
+        n_rows = len(targets) if targets is not None else 1 if members is None else len(members)
+        n_local = len(seeds) if members is None else len(seeds[0])
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        local = evaluate_returns(pl_module, seeds, targets, progress=progress) if seeds else np.zeros((n_targets, 0))
+        local = evaluate_returns(pl_module, seeds, targets, progress=progress) if n_local else np.zeros((n_rows, 0))
         gathered = CatMetric(nan_strategy="disable").to(pl_module.device)  # every rank's episodes, each once
-        gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(n_targets, len(seeds)).T)
-        returns = gathered.compute().reshape(-1, n_targets).T.cpu().numpy()  # (targets, episodes)
+        gathered.update(torch.as_tensor(local, dtype=torch.float64, device=pl_module.device).reshape(n_rows, n_local).T)
+        returns = gathered.compute().reshape(-1, n_rows).T.cpu().numpy()  # (targets or members, episodes)
         spec = pl_module.spec
-        for name, value in eval_metrics(returns, targets, spec).items():  # identical on every rank (the mean over ranks is itself)
+        metrics = member_metrics(returns, members, spec) if members is not None else eval_metrics(returns, targets, spec)
+        for name, value in metrics.items():  # identical on every rank (the mean over ranks is itself)
             pl_module.log(name, float(value), prog_bar=name in ("eval/return", "eval/normalized_score"), sync_dist=True)
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if targets is not None and trainer.is_global_zero and log_dir is not None:
@@ -160,7 +208,9 @@ class RunReport(Callback):
         self.warm_step = self.start_step + (max(1, int(planned) // 10) if math.isfinite(planned) else OPEN_ENDED_WARMUP)
         self.timed: tuple[float, int] | None = None  # (time, update) at the end of the warm-up
         self.last_update: tuple[float, int] | None = None  # (time, update) of the latest update after it
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+        # Read now: Lightning moves the module back to the CPU at teardown, before the summary is written.
+        self.device = torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu"
+        if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -225,7 +275,7 @@ class RunReport(Callback):
             "global_batch_size": None if batch_size is None else batch_size * trainer.world_size,
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "peak_memory_mb": getattr(self, "peak_memory_mb", None),
-            "device": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu",
+            "device": self.device,
             "precision": str(trainer.precision),
         }
         if self.timed is not None and self.last_update is not None:

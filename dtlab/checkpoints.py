@@ -54,6 +54,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location)
 
 
+def member_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, Any]:
+    """The checkpoint of a model with seeds as members (dtlab.algos.members) cut down to member `index`: an ordinary
+    single-seed checkpoint. Every stacked tensor (parameters, and the optimisers' per-parameter state) keeps row
+    `index`; buffers and counters (the data's statistics, Adam's step) are shared and kept whole; the rest (loops,
+    callbacks, update count) is kept as it is."""
+    hparams = checkpoint["hyper_parameters"]
+    n_members = len(hparams["seeds"])
+    stacked = {k for k, v in checkpoint["state_dict"].items() if k in checkpoint.get("dtlab_stacked", ())}
+    out = dict(checkpoint)
+    out["hyper_parameters"] = {**hparams, "seeds": None}
+    out["state_dict"] = {k: v[index].clone() if k in stacked else v for k, v in checkpoint["state_dict"].items()}
+    out["optimizer_states"] = [
+        {
+            **opt,
+            "state": {
+                p: {k: v[index].clone() if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n_members else v for k, v in s.items()}
+                for p, s in opt["state"].items()
+            },
+        }
+        for opt in checkpoint.get("optimizer_states", [])
+    ]
+    out.pop("dtlab_stacked", None)
+    return out
+
+
 def remove_stale_temporaries(directory: Path) -> None:
     """Delete temporary checkpoint files left by processes that no longer run."""
     for tmp in directory.glob(f".*{TMP_MARK}*"):

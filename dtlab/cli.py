@@ -187,6 +187,7 @@ commands:
   save           write a model folder: model.safetensors, config.json, a model card, the run's plots
   push           upload a model with its card to the HuggingFace Hub (evaluate accepts the repo id)
   export         write a policy as ONNX or TorchScript, normalisation and action scaling inside
+  member         split a run of seeds as members (--model.init_args.seeds) into single-seed checkpoints
   push-dataset   upload a trajectory dataset with its card to the Hub (then --data.dataset_id hf:USER/NAME)
   import-transformers   a transformers DecisionTransformerModel folder as a dtlab model (evaluate, fine-tune)
   scale          scaling study: a grid of fits over devices, model size, batch size and data; CSV, plots, power laws

@@ -179,6 +179,8 @@ def evaluate(
         entry = {"returns": row.tolist()} | return_summary(row, spec)
         if targets is not None:
             entry = {"target_return": float(targets[i]), **entry}
+        if model.member_seeds is not None:  # seeds as members: one row per member, each on the same episode seeds
+            entry = {"member_seed": model.member_seeds[i], **entry}
         result["results"].append(entry)
     if video is not None:
         from dtlab.envs import record_video
@@ -189,6 +191,7 @@ def evaluate(
     else:
         for entry in result["results"]:
             head = f"target {entry['target_return']:g}: " if "target_return" in entry else ""
+            head = f"member seed {entry['member_seed']}: " if "member_seed" in entry else head
             line = f"{spec.dataset_id}: {head}return {entry['return_mean']:.1f} ± {entry['return_std']:.1f} over {episodes} episodes"
             if "normalized_score_mean" in entry:
                 line += f", normalised score {entry['normalized_score_mean']:.1f} ± {entry['normalized_score_std']:.1f}"
@@ -230,6 +233,39 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
             print(score_table(groups))
         except ValueError as err:
             raise UsageError(f"--table: {err}") from None
+
+
+def member(checkpoint: str, out: str | None = None, seed: int | None = None) -> list[Path]:
+    """Split a checkpoint of seeds as members (`--model.init_args.seeds`) into ordinary single-seed checkpoints,
+    OUT/seed_<s>.ckpt: each is what the single-seed run with that seed would have saved (parameters, optimiser
+    state, update count), so evaluate, save, push, export, --pretrained and --ckpt_path take it like any other.
+
+        dtlab member runs/iql/version_0/checkpoints/last.ckpt --out members/         # every member
+        dtlab member runs/iql/version_0/checkpoints/last.ckpt --out members/ --seed 3
+
+    Args:
+        checkpoint: a dtlab checkpoint of a model with seeds as members.
+        out: the folder to write seed_<s>.ckpt into.
+        seed: only the member of this seed (default: every member).
+    """
+    from dtlab.checkpoints import AtomicCheckpointIO, member_checkpoint, read_checkpoint
+
+    if out is None:
+        raise UsageError("member needs --out FOLDER, where seed_<s>.ckpt are written.")
+    saved = read_checkpoint(checkpoint)
+    seeds = saved.get("hyper_parameters", {}).get("seeds")
+    if seeds is None:
+        raise UsageError(f"{checkpoint} holds one seed (it was not trained with --model.init_args.seeds): use it as it is.")
+    if seed is not None and seed not in seeds:
+        raise UsageError(f"--seed {seed}: {checkpoint} holds the members of seeds {seeds}.")
+    written = []
+    for index, member_seed in enumerate(seeds):
+        if seed is None or member_seed == seed:
+            path = Path(out) / f"seed_{member_seed}.ckpt"
+            AtomicCheckpointIO().save_checkpoint(member_checkpoint(saved, index), path)
+            written.append(path)
+    print("\n".join(f"{p}: member seed {p.stem.removeprefix('seed_')}" for p in written))
+    return written
 
 
 def _run_dir(checkpoint: str) -> Path | None:
@@ -462,6 +498,7 @@ COMMANDS: dict[str, Callable] = {
     "save": save,
     "push": push,
     "export": export,
+    "member": member,
     "push-dataset": push_dataset,
     "import-transformers": import_transformers,
     "scale": scale,

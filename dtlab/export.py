@@ -53,6 +53,7 @@ class LastStepPolicy(nn.Module):
 
 def exportable(model: OfflineRLModule, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[str, ...], str]:
     """(module, example inputs, input names, output name) of a model's policy, on CPU in eval mode."""
+    model.require_single_seed("Export")
     model = model.cpu().eval()
     spec = model.spec
     if isinstance(model, DecisionTransformer):

@@ -79,6 +79,7 @@ def save_pretrained(
 ) -> Path:
     """Write the model folder (see the module's docstring); `run_dir` (runs/<name>/version_N) adds its plots and
     config; `repo_id` names the model in the card; `video` adds `replay.mp4`, one greedy episode rendered offscreen."""
+    model.require_single_seed("A model folder")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
@@ -162,6 +163,8 @@ def warm_start(model: OfflineRLModule, source: str | Path) -> None:
     else:
         pretrained = from_pretrained(source, expected=type(model))
     pretrained.spec.check_compatible(model.spec, f"Pretrained model {source}")
+    model.require_single_seed("Warm start (--pretrained)")
+    pretrained.require_single_seed(f"Warm start from {source}")
     try:
         model.load_state_dict(pretrained.state_dict(), strict=True)
     except RuntimeError as err:

@@ -57,6 +57,7 @@ class OnlinePhase(Callback):
         spec = pl_module.spec
         if spec.env_spec is None:
             raise ValueError(f"Dataset '{spec.dataset_id}' names no environment: online fine-tuning needs one to act in.")
+        pl_module.require_single_seed("Online fine-tuning")
         self.trainer, self.rank = trainer, trainer.global_rank  # under DDP each process collects its own episodes
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "mix_online"):

@@ -64,6 +64,16 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def split_members(run: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A run of seeds as members (its eval/<metric>/seed_<s> columns) as one run per member, each with its own
+    evaluations under the plain names and the shared training metrics (their mean over members); any other run as it is."""
+    seeds = sorted({name.rsplit("/seed_", 1)[1] for name in run if "/seed_" in name}, key=int)
+    if not seeds:
+        return [run]
+    shared = {k: v for k, v in run.items() if not k.startswith("eval/")}
+    return [shared | {k.rsplit("/seed_", 1)[0]: v for k, v in run.items() if k.endswith(f"/seed_{seed}")} for seed in seeds]
+
+
 def against_env_steps(run: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """An online run's metrics with updates mapped to environment steps (through its online/env_steps log)."""
     updates, env_steps = run["online/env_steps"]
@@ -93,11 +103,11 @@ def find_metrics(runs: Sequence[str | Path]) -> dict[str, list[Path]]:
 
 def score_table(groups: dict[str, Sequence[str | Path]]) -> str:
     """A markdown table of each group's evaluation score (normalised where logged, else the return) at every
-    evaluation its runs share: mean ± std over the runs and each run's value; online runs also give the env
+    evaluation its runs share (a run of seeds as members gives one run per member): mean ± std over the runs and each run's value; online runs also give the env
     steps collected by then (their mean over the runs)."""
     lines = []
     for name, files in groups.items():
-        runs = [read_metrics(f) for f in files]
+        runs = [member for f in files for member in split_members(read_metrics(f))]
         score = "eval/normalized_score" if all("eval/normalized_score" in r for r in runs) else "eval/return"
         if not all(score in r for r in runs):
             raise ValueError(f"{name}: not every run logged {score}.")
@@ -120,12 +130,13 @@ def score_table(groups: dict[str, Sequence[str | Path]]) -> str:
 def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Path, title: str = "") -> Path:
     """PNG of learning curves: the evaluation score (eval/normalized_score where any run has it, else
     eval/return) and each train/* metric against updates, one line per group (name -> metrics.csv files);
-    a group of several runs is drawn as their mean with a ± std band over the updates they share.
+    a group of several runs is drawn as their mean with a ± std band over the updates they share (a run of seeds as
+    members counts as one run per member).
     Online fine-tuning runs (every run logs online/env_steps) are drawn against environment steps, with the
     return of the collected episodes as a panel; the offline policy's score sits at env step 0."""
     from matplotlib.figure import Figure
 
-    data = {name: [read_metrics(f) for f in files] for name, files in groups.items()}
+    data = {name: [member for f in files for member in split_members(read_metrics(f))] for name, files in groups.items()}
     runs_flat = [run for runs in data.values() for run in runs]
     online = bool(runs_flat) and all("online/env_steps" in run for run in runs_flat)
     if online:

@@ -124,11 +124,17 @@ def test_updates_are_the_unit_and_a_checkpoint_acts_alone(config, pendulum_id, t
     np.testing.assert_array_equal(np.array(json.loads(out.stdout.strip().splitlines()[-1])), np.asarray(expected, dtype=np.float64))
 
 
-# Overrides under which an update draws no random numbers (no dropout, no sampled noise or actions): then
-# 2-process DDP with batch B must reach the parameters of one process with batch 2B. TD3+BC's target noise
-# and CQL's sampled actions are drawn per process, so those two only fit. (The DT's learning rate warms up
-# over one update, so that 4 updates move its parameters well beyond float noise.)
-DETERMINISTIC_UPDATE = {"BC": [], "IQL": [], "DecisionTransformer": ["--model.init_args.dropout", "0", "--model.init_args.warmup_steps", "1"]}
+# Overrides under which an update's random numbers are a function of (seed, update) alone (no dropout; TD3+BC's
+# target noise is drawn for the global batch, each rank keeping its rows): then 2-process DDP with batch B must
+# reach the parameters of one process with batch 2B. CQL's sampled actions are drawn per process, so CQL and
+# Cal-QL only fit. (The DT's learning rate warms up over one update, so that 4 updates move its parameters well
+# beyond float noise.)
+DETERMINISTIC_UPDATE = {
+    "BC": [],
+    "IQL": [],
+    "TD3BC": [],
+    "DecisionTransformer": ["--model.init_args.dropout", "0", "--model.init_args.warmup_steps", "1"],
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS)

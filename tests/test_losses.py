@@ -179,10 +179,8 @@ def test_td3bc_td_target(policy_noise: float, noise_clip: float) -> None:
     unclipped (σ = 100: noise would be ±100, not ±0.5) or clipped after the sum, no ±1 clip, no (1 − d)."""
     model, nets = make_td3bc(discount=0.9, policy_noise=policy_noise, noise_clip=noise_clip)
     batch = toy_batch()
-    torch.manual_seed(7)
-    got = model.td_target(batch)
-    torch.manual_seed(7)
-    eps = torch.randn(B, A)  # the draw td_target makes: one (B, A) standard normal
+    eps = torch.randn(B, A, generator=torch.Generator().manual_seed(7))  # ε: one (B, A) standard normal, given
+    got = model.td_target(batch, eps)
     next_action = (torch.tanh(nets.actor_target(batch.next_observations)) + (policy_noise * eps.double()).clamp(-noise_clip, noise_clip)).clamp(-1, 1)
     q_next = nets.critic_target(batch.next_observations, next_action)  # (2, B)
     assert (q_next[0] < q_next[1]).any() and (q_next[0] > q_next[1]).any(), "the test needs each critic to be the min somewhere"
@@ -196,7 +194,7 @@ def test_td3bc_critic_loss() -> None:
     next_action = torch.tanh(nets.actor_target(batch.next_observations))
     y = batch.rewards + 0.9 * (1 - batch.terminals) * nets.critic_target(batch.next_observations, next_action).min(0).values
     expected = (nets.critic(batch.observations, batch.actions) - y).pow(2).mean(1).sum()
-    assert_matches(model.critic_loss(batch), expected)
+    assert_matches(model.critic_loss(batch, torch.randn(B, A)), expected)  # σ = 0: the noise has no effect
 
 
 @pytest.mark.parametrize("alpha", [2.5, 0.1])

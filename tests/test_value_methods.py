@@ -72,7 +72,8 @@ def loss_cases(name: str):
     batch = toy_batch()
     if name == "td3bc":
         m = TD3BC(toy_spec(), **SMALL)
-        return m, [("critic_loss", lambda: m.critic_loss(batch), m.critic), ("actor_loss", lambda: m.actor_loss(batch)[0], m.actor)]
+        noise = torch.randn(batch.actions.shape)
+        return m, [("critic_loss", lambda: m.critic_loss(batch, noise), m.critic), ("actor_loss", lambda: m.actor_loss(batch)[0], m.actor)]
     if name == "iql":
         m = IQL(toy_spec(), value_hidden_dims=(16,), **SMALL)
         adv = m.value_loss(batch)[1]
@@ -330,6 +331,7 @@ PAPER_DEFAULTS = {
         "reward_scale": 1.0,
         "normalize_reward": False,
         "compile": False,
+        "seeds": None,
     },
     # Kostrikov et al. 2022, locomotion (CORL iql.py, halfcheetah configs)
     IQL: {
@@ -351,6 +353,7 @@ PAPER_DEFAULTS = {
         "reward_scale": 1.0,
         "lr_schedule_updates": None,  # None: the cosine schedule spans the run (the trainer's updates)
         "compile": False,
+        "seeds": None,
     },
     # CORL cql.py with configs/offline/cql/halfcheetah/medium_v2.yaml (init and target action: docs/results.md)
     CQL: {
@@ -379,9 +382,10 @@ PAPER_DEFAULTS = {
         "target_action": "mean",
         "target_entropy": None,  # None: -action_dim (Haarnoja et al. 2018)
         "compile": False,
+        "seeds": None,
     },
     # CORL any_percent_bc.py / d3rlpy BC
-    BC: {"hidden_dims": (256, 256), "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0},
+    BC: {"hidden_dims": (256, 256), "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0, "seeds": None},
 }
 
 

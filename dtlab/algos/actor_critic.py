@@ -64,11 +64,6 @@ class ActorCriticModule(OfflineRLModule):
         if isinstance(strategy, DDPStrategy):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
-    def compile_losses(self, *names: str) -> None:
-        """torch.compile these loss methods: the update's compute; the optimiser steps stay eager."""
-        for name in names:
-            setattr(self, name, torch.compile(getattr(self, name)))
-
     def prepare(self, batch: Batch) -> Batch:
         """Raw dataset batch -> what the losses use: standardised observations, unit-box actions, scaled
         rewards (and Monte-Carlo returns, scaled alike). `terminals` stays termination-only: (B,) float."""
@@ -84,7 +79,10 @@ class ActorCriticModule(OfflineRLModule):
         self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One iteration of the algorithm on a prepared batch (`step`: updates done before it); returns
-        metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
+        metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`.
+
+        With seeds as members (dtlab.algos.members) every loss and metric has a leading member dimension:
+        `backward` gets the sum over members, so each member's gradient is its own loss's."""
         raise NotImplementedError
 
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -96,7 +94,8 @@ class ActorCriticModule(OfflineRLModule):
         # batch, TD3+BC 1.5). dtlab's unit is the update: silence the per-optimiser count, count the batch.
         for opt in optimizers:
             opt._on_before_step = opt._on_after_step = do_nothing_closure
-        metrics = self.update(self.prepare(batch), optimizers, self.manual_backward, schedulers, self.global_step)
+        # With members, each metric is logged as its mean over them (a NaN in any member shows).
+        metrics = {k: v.mean() for k, v in self.update(self.prepare(batch), optimizers, self.manual_backward, schedulers, self.global_step).items()}
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from dtlab.algos.members import MemberPolicies, build_members, build_single, member_randn, member_vmap, stack_parameters
 from dtlab.data.samplers import BatchFormat
 from dtlab.envs import Agent, StatelessAgent
 from dtlab.spec import DatasetSpec
@@ -62,8 +63,76 @@ class OfflineRLModule(L.LightningModule):
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         return self.policy.normalize(observations)
 
+    # -- seeds as a batch dimension (dtlab.algos.members) ----------------------------------------
+
+    @property
+    def member_seeds(self) -> list[int] | None:
+        """The seeds of the members this model holds (`seeds`), or None for an ordinary single-seed model."""
+        seeds = self.hparams.get("seeds")
+        return None if seeds is None else list(seeds)
+
+    @property
+    def n_members(self) -> int:
+        return 1 if self.member_seeds is None else len(self.member_seeds)
+
+    def setup_losses(self, *names: str, compile: bool = False) -> None:
+        """Called last in a subclass's __init__ with its loss methods. With `seeds`: build the members (each as its
+        single-seed run would), stack their parameters and run these methods vmapped over the members. With
+        `compile`: torch.compile them (the update's compute; optimiser steps stay eager)."""
+        seeds = self.member_seeds
+        if seeds is not None:
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"{type(self).__name__}: seeds must be distinct integers, one per member, got {seeds}.")
+            stack_parameters(self, build_members(type(self), self.init_args(), seeds))
+        for name in names:
+            fn = getattr(self, name)
+            if seeds is not None:
+                fn = member_vmap(self, fn)
+            setattr(self, name, torch.compile(fn) if compile else fn)
+
+    def init_args(self) -> dict[str, Any]:
+        """The arguments this model was built with (its hyperparameters without the CLI's own `_` notes)."""
+        return {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+
+    def noise_seeds(self) -> list[int]:
+        """The seeds of the update-indexed noise: the members', or the run's (torch's initial seed, which
+        `seed_everything` sets) for a single-seed model."""
+        return self.member_seeds or [torch.initial_seed()]
+
+    def randn(self, shape: tuple[int, ...], step: int) -> torch.Tensor:
+        """Standard normal noise for update `step` that a member shares with its single-seed run: (S, *shape) for a
+        model with members, else `shape`. `shape` is this process's; under DDP each rank keeps its rows of the
+        global draw, so N processes draw what one process with N times the batch would."""
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rows = slice(rank * shape[0], (rank + 1) * shape[0])
+        noise = member_randn(self.noise_seeds(), (shape[0] * world, *shape[1:]), step, self.device, rows)
+        return noise if self.member_seeds is not None else noise[0]
+
+    def member(self, index: int) -> OfflineRLModule:
+        """Member `index` as an ordinary single-seed model of this class (to evaluate, save, push or export)."""
+        if self.member_seeds is None:
+            raise ValueError(f"This {type(self).__name__} holds one seed (no members): use it as it is.")
+        if not -self.n_members <= index < self.n_members:
+            raise IndexError(f"This {type(self).__name__} holds {self.n_members} members (seeds {self.member_seeds}); member {index} does not exist.")
+        single = build_single(type(self), self.init_args())
+        stacked = {name for name, _ in self.named_parameters()}
+        single.load_state_dict({k: v[index] if k in stacked else v for k, v in self.state_dict().items()})
+        return single.to(self.device)
+
+    def require_single_seed(self, what: str) -> None:
+        """Refuse `what` (saving, export, online fine-tuning...) for a model of several members, saying how to get one."""
+        if self.member_seeds is not None:
+            raise ValueError(
+                f"{what} takes one seed, and this {type(self).__name__} holds {self.n_members} (seeds {self.member_seeds}). "
+                "Extract one first: `dtlab member CHECKPOINT --out FOLDER` (or `model.member(i)` in Python)."
+            )
+
     def make_agent(self, num_envs: int) -> Agent:
-        """The policy as an Agent over `num_envs` environments (greedy actions)."""
+        """The policy as an Agent over `num_envs` environments (greedy actions); with members, the first
+        num_envs / S environments are member 0's, the next member 1's, and so on."""
+        if self.member_seeds is not None:
+            return StatelessAgent(MemberPolicies(self.policy, self.n_members), self.device)
         return StatelessAgent(self.policy, self.device)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
@@ -95,3 +164,5 @@ class OfflineRLModule(L.LightningModule):
         # The algorithm's registry name travels with the weights and the spec: `load_checkpoint(path)`
         # needs nothing else, and never imports a path stored in the file.
         checkpoint["dtlab_algorithm"] = type(self).__name__
+        if self.member_seeds is not None:  # which tensors have a member dimension (`dtlab member` cuts them)
+            checkpoint["dtlab_stacked"] = [name for name, _ in self.named_parameters()]

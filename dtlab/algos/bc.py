@@ -23,6 +23,8 @@ class BC(OfflineRLModule):
         lr: Adam learning rate.
         weight_decay: L2 penalty on the policy's weights.
         dropout: dropout after each hidden layer (0 disables).
+        seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
+            i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
 
     def __init__(
@@ -32,11 +34,13 @@ class BC(OfflineRLModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         dropout: float = 0.0,
+        seeds: list[int] | None = None,
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
         actor_cls = CategoricalActor if self.spec.discrete else DeterministicActor
         self.policy = Policy(actor_cls(self.obs_dim, self.act_dim, hidden_dims, dropout=dropout), self.spec)
+        self.setup_losses("bc_loss")
 
     def bc_loss(self, batch: TransitionBatch) -> torch.Tensor:
         """Cross-entropy of the logits (discrete), or MSE between tanh(MLP(s)) and a, in the unit box (continuous)."""
@@ -46,9 +50,9 @@ class BC(OfflineRLModule):
         return F.mse_loss(out, self.policy.action_scaler.to_unit(batch.actions))
 
     def training_step(self, batch: TransitionBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.bc_loss(batch)
-        self.log("train/bc_loss", loss, prog_bar=True, sync_dist=True)
-        return loss
+        loss = self.bc_loss(batch)  # (S,) with members: their sum gives each member its own gradient
+        self.log("train/bc_loss", loss.mean(), prog_bar=True, sync_dist=True)
+        return loss.sum()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

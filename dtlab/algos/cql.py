@@ -63,6 +63,10 @@ class CQL(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members): member
+            i starts as the single-seed run with `--seed_everything s_i` and sees its batches (`--data.seed s_i`);
+            its sampled actions come from torch's generator, so it is that run's statistical twin, not its copy.
+            None: one ordinary run.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class CQL(ActorCriticModule):
         reward_scale: float = 1.0,
         normalize_reward: bool = False,
         compile: bool = False,
+        seeds: list[int] | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
@@ -102,8 +107,7 @@ class CQL(ActorCriticModule):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learn_alpha)
         self.log_alpha_prime = nn.Parameter(torch.tensor(1.0), requires_grad=lagrange)  # CORL starts log α′ at 1
         self.target_entropy = -float(self.act_dim) if target_entropy is None else target_entropy
-        if compile:
-            self.compile_losses("critic_loss", "actor_loss")
+        self.setup_losses("critic_loss", "actor_loss", "alpha_loss", "alpha_prime_loss", compile=compile)
 
     # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
@@ -141,7 +145,7 @@ class CQL(ActorCriticModule):
         with torch.no_grad():  # one actor pass over [s; s'] for both policy proposals
             pi_actions, pi_log_prob = self.actor(torch.cat([obs, batch.next_observations]), n_samples=n)  # (2B, N, A), (2B, N)
             pi_log_prob = torch.cat([pi_log_prob[:batch_size], pi_log_prob[batch_size:]], dim=1)  # (B, 2N): from s, then from s'
-            uniform = torch.empty(batch_size, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
+            uniform = 2.0 * torch.rand(batch_size, n, self.act_dim, device=obs.device) - 1.0  # U(-1, 1)^A
         # Each proposal is one batched pass over all critics, (n_critics, B, N); three passes of B·N
         # rows run ~10% faster on CPU than one of 3·B·N (smaller activations stay in cache).
         obs_n = obs.unsqueeze(1).expand(-1, n, -1)  # (B, N, S): every sample is scored at s
@@ -204,7 +208,7 @@ class CQL(ActorCriticModule):
         # others' outputs; tested), so one backward pass of their sum gives each its own gradient.
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        backward(total)
+        backward(total.sum())
         for opt in optimizers:
             opt.step()
         soft_update(self.critic_target, self.critic, self.hparams.tau)

@@ -59,6 +59,8 @@ class IQL(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (IQL paper / CORL on locomotion).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
+            i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class IQL(ActorCriticModule):
         reward_scale: float = 1.0,
         normalize_reward: bool = False,
         compile: bool = False,
+        seeds: list[int] | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
@@ -90,8 +93,7 @@ class IQL(ActorCriticModule):
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.critic_target = frozen_copy(self.critic)
         self.value = ValueNetwork(self.obs_dim, value_hidden_dims)
-        if compile:
-            self.compile_losses("value_loss", "critic_loss", "actor_loss")
+        self.setup_losses("value_loss", "critic_loss", "actor_loss", compile=compile)
 
     # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
@@ -135,7 +137,7 @@ class IQL(ActorCriticModule):
         # one backward pass of their sum leaves every network exactly its own loss's gradient.
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        backward(value_loss + critic_loss + actor_loss)
+        backward((value_loss + critic_loss + actor_loss).sum())
         for opt in optimizers:
             opt.step()
         for scheduler in schedulers:

@@ -46,6 +46,8 @@ class TD3BC(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
+            i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
 
     def __init__(
@@ -66,31 +68,31 @@ class TD3BC(ActorCriticModule):
         reward_scale: float = 1.0,
         normalize_reward: bool = False,
         compile: bool = False,
+        seeds: list[int] | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
         self.policy = Policy(DeterministicActor(self.obs_dim, self.act_dim, actor_hidden_dims), self.spec)
         self.critic = CriticEnsemble(self.obs_dim, self.act_dim, critic_hidden_dims, n_critics)
         self.actor_target, self.critic_target = frozen_copy(self.actor), frozen_copy(self.critic)
-        if compile:
-            self.compile_losses("critic_loss", "actor_loss")
+        self.setup_losses("critic_loss", "actor_loss", compile=compile)
 
     # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
     @torch.no_grad()
-    def td_target(self, batch: Batch) -> torch.Tensor:
-        """y = r + γ (1 − terminal) min_i Q'_i(s', clip(π'(s') + clip(ε, ±c), ±1)),  ε ~ N(0, σ²): (B,)."""
+    def td_target(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
+        """y = r + γ (1 − terminal) min_i Q'_i(s', clip(π'(s') + clip(σ ε, ±c), ±1)),  ε ~ N(0, 1) given: (B,)."""
         next_obs = batch.next_observations
         next_action = self.actor_target(next_obs)
-        noise = (torch.randn_like(next_action) * self.hparams.policy_noise).clamp(-self.hparams.noise_clip, self.hparams.noise_clip)
+        noise = (noise * self.hparams.policy_noise).clamp(-self.hparams.noise_clip, self.hparams.noise_clip)
         next_action = (next_action + noise).clamp(-1.0, 1.0)
         next_q = self.critic_target(next_obs, next_action).min(0).values
         return batch.rewards + self.hparams.discount * (1.0 - batch.terminals) * next_q
 
-    def critic_loss(self, batch: Batch) -> torch.Tensor:
-        """Σ_i E[(Q_i(s, a) − y)²]  (the twin critics' MSE, summed as in TD3)."""
+    def critic_loss(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
+        """Σ_i E[(Q_i(s, a) − y)²]  (the twin critics' MSE, summed as in TD3); `noise`: the target's ε."""
         q = self.critic(batch.observations, batch.actions)  # (n, B)
-        return (q - self.td_target(batch)).pow(2).mean(1).sum()
+        return (q - self.td_target(batch, noise)).pow(2).mean(1).sum()
 
     def bc_weight(self, step: int) -> float:
         """w_t of the BC term: 1, or annealed linearly to 0 over `bc_anneal_updates` (TD3+BC → TD3 online)."""
@@ -103,7 +105,7 @@ class TD3BC(ActorCriticModule):
         Q is evaluated with detached critic weights: this loss moves the actor only."""
         pi = self.actor(batch.observations)
         q = self.critic(batch.observations, pi, detach_params=True, first=1)[0]
-        lmbda = self.hparams.alpha / q.abs().mean().detach()
+        lmbda = self.hparams.alpha / self.mean_over_processes(q.abs().mean()).detach()  # under DDP: the global batch's
         return -lmbda * q.mean() + bc_weight * F.mse_loss(pi, batch.actions), lmbda
 
     # -- one update ------------------------------------------------------------------------------
@@ -114,15 +116,16 @@ class TD3BC(ActorCriticModule):
         """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
         and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
         actor_opt, critic_opt = optimizers
-        critic_loss = self.critic_loss(batch)
+        # ε of the target smoothing, a function of (seed, update): resume and the members repeat it exactly.
+        critic_loss = self.critic_loss(batch, self.randn(tuple(batch.actions.shape[-2:]), step))
         critic_opt.zero_grad(set_to_none=True)
-        backward(critic_loss)
+        backward(critic_loss.sum())
         critic_opt.step()
         metrics = {"critic_loss": critic_loss.detach()}
         if (step + 1) % self.hparams.policy_delay == 0:
             actor_loss, lmbda = self.actor_loss(batch, self.bc_weight(step))
             actor_opt.zero_grad(set_to_none=True)
-            backward(actor_loss)
+            backward(actor_loss.sum())
             actor_opt.step()
             soft_update(self.critic_target, self.critic, self.hparams.tau)
             soft_update(self.actor_target, self.actor, self.hparams.tau)

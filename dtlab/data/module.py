@@ -22,7 +22,7 @@ from jsonargparse.typing import PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.data.convert import MIX_SEPARATOR, episode_subset, load_columns, load_trajectories
-from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions
+from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions, stack_batches
 from dtlab.spec import DatasetError, DatasetSpec
 
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
@@ -62,22 +62,38 @@ def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: boo
 
 class BatchStream(IterableDataset):
     """Endless batches from `sampler` starting at update `start()`: at update k, rows [rank·B, (rank+1)·B)
-    of the global batch of B × world_size seeded by (seed, k).
+    of the global batch of B × world_size seeded by (seed, k). With `members` (a model's seeds as a batch
+    dimension), one such batch per member seed, stacked: every field gains a leading (S,) dimension.
 
     `__len__` is one epoch (`steps` batches) so progress bars know it; Lightning stops each epoch after
     that many batches and starts a new iterator at the next update, also after a resume mid-epoch."""
 
-    def __init__(self, sampler: Sampler, batch_size: int, steps: int, seed: int, start: Callable[[], int], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        start: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
+        members: list[int] | None = None,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size} processes.")
         self.sampler, self.batch_size, self.steps, self.seed, self.start = sampler, batch_size, steps, seed, start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.members = rank, world_size, members
 
     def __len__(self) -> int:
         return self.steps
 
     def batch(self, update: int) -> Batch:
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, update))
+        if self.members is not None:
+            return stack_batches([self.seeded_batch(seed, update) for seed in self.members])
+        return self.seeded_batch(self.seed, update)
+
+    def seeded_batch(self, seed: int, update: int) -> Batch:
+        generator = torch.Generator().manual_seed(stream_seed(seed, update))
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return self.sampler.sample(self.batch_size * self.world_size, generator, rows, update)
 
@@ -98,7 +114,8 @@ class OfflineDataModule(L.LightningDataModule):
         batch_size: samples per update on each process (transitions, or windows for sequence models);
             under DDP the global batch is batch_size × world size.
         steps_per_epoch: updates per training epoch (evaluation and checkpoints happen at epoch ends).
-        seed: seeds the batch stream (with the update number; ranks take their rows of one global batch).
+        seed: seeds the batch stream (with the update number; ranks take their rows of one global batch). A model
+            with seeds as members (`model.seeds`) gets one stream per member, seeded by the member's seed instead.
         in_memory: copy the data into RAM (fastest sampling); False indexes the memory-mapped Arrow file.
             Default (null): in RAM in one process; memory-mapped under DDP, so the processes of a node
             share one copy in the page cache instead of holding one each.
@@ -175,7 +192,8 @@ class OfflineDataModule(L.LightningDataModule):
             stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, lambda: 0)
         else:
             start = lambda: trainer.global_step  # noqa: E731
-            stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, start, trainer.global_rank, trainer.world_size)
+            members = getattr(trainer.lightning_module, "member_seeds", None)
+            stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, start, trainer.global_rank, trainer.world_size, members)
         # A generator of its own: each new iterator (every epoch, and on resume) would otherwise draw a
         # seed from the global torch RNG that the algorithms' sampling uses.
         return DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator())

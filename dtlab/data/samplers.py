@@ -60,6 +60,12 @@ class WindowBatch:
 Batch = TransitionBatch | WindowBatch
 
 
+def stack_batches(batches: list[Batch]) -> Batch:
+    """Batches of one kind stacked field by field along a new leading dimension (one per member seed)."""
+    fields = {f.name: [getattr(b, f.name) for b in batches] for f in dataclasses.fields(batches[0])}
+    return type(batches[0])(**{k: None if v[0] is None else torch.stack(v) for k, v in fields.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchFormat:
     """What a model trains on: `transitions` (with Monte-Carlo returns discounted by `mc_return_gamma`

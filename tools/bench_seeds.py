@@ -1,0 +1,163 @@
+"""Seeds as a batch dimension: aggregate updates/s of S seeds in one model against one seed per model, side by side.
+
+    MINARI_DATASETS_PATH=../shared/datasets/minari DTLAB_CACHE_DIR=/tmp/dtlab-cache \
+        python tools/bench_seeds.py --algos td3bc iql --seeds 1 2 5 10 --rounds 3 --flops \
+            --json tools/results/seeds/speed.jsonl
+
+Per algorithm and round (the order rotates from round to round, so a busy machine slows them alike), each
+variant runs `--warmup` untimed updates then `--updates` timed ones of the algorithm's own `update` (the
+code training_step calls) in a plain loop, on batches of 256 per seed drawn as the DataModule draws them:
+
+* single: an ordinary model (conf/<algo>.yaml), one seed. S separate single-seed runs on one core each reach
+  S x this rate on S cores; on one core, S runs one after another reach this rate, which is the baseline.
+* members S: one model with `seeds=[0..S-1]` (dtlab.algos.members): every loss vmapped over the members,
+  one backward of their sum, the algorithm's optimisers over the stacked parameters. Aggregate = S x its
+  updates/s; printed as a ratio to `single`.
+* d3rlpy (unless --no-d3rlpy): d3rlpy 2.8.1's same algorithm, one seed (tools/d3rlpy_baseline.py in
+  .venv-d3rlpy; `bash tools/setup_d3rlpy_venv.sh` makes it).
+
+With --flops, the FLOPs of one single-seed update (x S for S members) times the aggregate rate, as a share
+of a float32 bmm of the critics' hidden shape on this machine: how much of the matmul rate each reaches.
+Medians over rounds; with --json one line per algorithm is appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=["td3bc", "iql"], choices=["bc", "td3bc", "iql", "cql", "calql"])
+    p.add_argument("--dataset", default="halfcheetah/medium-v0")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 5, 10], help="member counts S to time")
+    p.add_argument("--updates", type=int, default=200, help="timed updates per variant and round (CQL/Cal-QL: a tenth)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--flops", action="store_true", help="also print each variant's share of the float32 matmul rate")
+    p.add_argument("--no-d3rlpy", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:  # size the thread pools before torch is imported
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tools"))
+from bench_value import D3RLPY_PYTHON, flops_per_update, matmul_flops_per_s, model_class_and_args, time_d3rlpy  # noqa: E402
+
+
+def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str) -> float:
+    """Updates/s of conf/<algo>.yaml's model with `members` seeds (None: an ordinary single-seed model)."""
+    from dtlab.data.module import OfflineDataModule, stream_seed
+    from dtlab.data.samplers import stack_batches
+
+    cls, init_args = model_class_and_args(algo)
+    seeds = None if members is None else list(range(members))
+    data = OfflineDataModule(dataset, batch_size=256)
+    model = cls(spec=data.spec, **init_args, seeds=seeds).to(device)
+    out = model.configure_optimizers()
+    optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    gamma, transitions = model.batch_format.mc_return_gamma, data.transitions
+
+    def batch(step: int):
+        draws = [transitions.sample_transitions(256, torch.Generator().manual_seed(stream_seed(s, step)), gamma) for s in seeds or [0]]
+        raw = stack_batches(draws) if seeds is not None else draws[0]
+        return model.prepare(raw.replace(**{k: v.to(device) for k, v in vars(raw).items() if v is not None}))
+
+    def step(i: int) -> None:
+        if cls.__name__ == "BC":  # automatic optimisation: its training_step's loss, one Adam step
+            loss = model.bc_loss(batch(i)).sum()
+            optimizers[0].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[0].step()
+        else:
+            model.update(batch(i), optimizers, torch.Tensor.backward, schedulers, step=i)
+
+    for i in range(warmup):
+        step(i)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + updates):
+        step(i)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return updates / (time.perf_counter() - start)
+
+
+def bench(algo: str, args: argparse.Namespace) -> dict:
+    heavy = algo in ("cql", "calql")
+    updates, warmup = (max(args.updates // 10, 5), max(args.warmup // 4, 3)) if heavy else (args.updates, args.warmup)
+    runners = {"single": lambda: time_members(algo, args.dataset, None, warmup, updates, args.device)}
+    for s in args.seeds:
+        runners[f"members_{s}"] = lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device)
+    if not args.no_d3rlpy and algo != "bc":
+        runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(runners[name]())
+            print(f"  {algo} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    seeds_of = {name: int(name.split("_")[1]) if name.startswith("members_") else 1 for name in median}
+    aggregate = {name: median[name] * seeds_of[name] for name in median}
+    result = {
+        "algo": algo,
+        "dataset": args.dataset,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "batch_size_per_seed": 256,
+        "timed_updates": updates,
+        "rounds": args.rounds,
+        "updates_per_s": rates,
+        "updates_per_s_median": median,
+        "aggregate_updates_per_s": aggregate,
+        "aggregate_vs_single": {name: aggregate[name] / aggregate["single"] for name in aggregate},
+        "torch": torch.__version__,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if args.flops:
+        flops, peak = flops_per_update(algo, args.dataset), matmul_flops_per_s()
+        result |= {"gflop_per_update": flops / 1e9, "matmul_gflop_per_s": peak / 1e9}
+        result["fraction_of_matmul_rate"] = {name: aggregate[name] * flops / peak for name in aggregate}
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if not args.no_d3rlpy and not D3RLPY_PYTHON.exists():
+        sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --no-d3rlpy)")
+    print(f"aggregate updates/s on {args.dataset}, batch 256 per seed, {args.threads} thread(s), {args.device}, median of {args.rounds} rounds")
+    for algo in args.algos:
+        r = bench(algo, args)
+        cells = []
+        for name, agg in r["aggregate_updates_per_s"].items():
+            share = f", {r['fraction_of_matmul_rate'][name]:.0%} of matmul" if args.flops else ""
+            cells.append(f"{name} {agg:.1f} ({r['aggregate_vs_single'][name]:.2f}x{share})")
+        print(f"{algo}: " + " | ".join(cells), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with args.json.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main(ARGS)
