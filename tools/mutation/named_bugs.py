@@ -22,8 +22,8 @@ BUGS = [
     (
         "DT windows: episodes drawn uniformly, not by length",
         "dtlab/data/samplers.py",
-        "torch.multinomial(self.episode_lengths.float(),",
-        "torch.multinomial(torch.ones_like(self.episode_lengths.float()),",
+        "torch.multinomial(lengths.float(),",
+        "torch.multinomial(torch.ones_like(lengths.float()),",
         ["tests/test_samplers.py", "-k", "windows_draw_episodes_by_length"],
     ),
     (
@@ -60,6 +60,20 @@ BUGS = [
         "return (observations - self.obs_mean) / self.obs_std",
         "return observations - self.obs_mean",
         ["tests/test_losses.py", "-k", "policy_standardises"],
+    ),
+    (
+        "seeds as members: every member trains on the first seed's batches",
+        "dtlab/data/module.py",
+        "[self.seeded_batch(seed, update) for seed in self.members]",
+        "[self.seeded_batch(self.members[0], update) for seed in self.members]",
+        ["tests/test_members.py", "-k", "equals_the_single_seed_run_k and td3bc"],
+    ),
+    (
+        "seeds as members: TD3+BC's target noise shared by every member",
+        "dtlab/algos/members.py",
+        "generator.manual_seed(stream_seed(seed, step))",
+        "generator.manual_seed(stream_seed(seeds[0], step))",
+        ["tests/test_members.py", "-k", "equals_the_single_seed_run_k and td3bc"],
     ),
 ]
 
