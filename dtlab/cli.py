@@ -127,6 +127,9 @@ class DTLabCLI(LightningCLI):
             save_dir = Path(logger.init_args.get("save_dir") or "")
             if config.runs_dir is not None and save_dir.parts[:1] == ("runs",):
                 logger.init_args.save_dir = str(Path(config.runs_dir, *save_dir.parts[1:]))
+        seeds = config.model.init_args.get("seeds") if hasattr(config.model, "init_args") else None
+        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):  # before the data is loaded
+            raise UsageError(f"--model.init_args.seeds {list(seeds)}: give distinct integer seeds, one per member, e.g. '[0, 1, 2, 3, 4]'.")
         if config.ckpt_path == "last":
             config.ckpt_path = self.resume_last(loggers)
         trainer = config.trainer
