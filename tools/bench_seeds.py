@@ -24,7 +24,6 @@ Medians over rounds; with --json one line per algorithm is appended.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -59,7 +58,15 @@ if ARGS is not None:  # size the thread pools before torch is imported
 import torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tools"))
-from bench_value import D3RLPY_PYTHON, flops_per_update, matmul_flops_per_s, model_class_and_args, time_d3rlpy  # noqa: E402
+from bench_value import (  # noqa: E402
+    D3RLPY_PYTHON,
+    append_jsonl,
+    flops_per_update,
+    matmul_flops_per_s,
+    model_class_and_args,
+    rotated_rounds,
+    time_d3rlpy,
+)
 
 
 def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str) -> float:
@@ -110,12 +117,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         runners[f"members_{s}"] = lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device)
     if not args.no_d3rlpy and algo != "bc":
         runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            rates[name].append(runners[name]())
-            print(f"  {algo} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
+    rates = rotated_rounds(runners, args.rounds, algo)
     median = {name: statistics.median(v) for name, v in rates.items()}
     seeds_of = {name: int(name.split("_")[1]) if name.startswith("members_") else 1 for name in median}
     aggregate = {name: median[name] * seeds_of[name] for name in median}
@@ -154,9 +156,7 @@ def main(args: argparse.Namespace) -> None:
             cells.append(f"{name} {agg:.1f} ({r['aggregate_vs_single'][name]:.2f}x{share})")
         print(f"{algo}: " + " | ".join(cells), flush=True)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            with args.json.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_jsonl(args.json, r)
 
 
 if __name__ == "__main__":

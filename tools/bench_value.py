@@ -195,6 +195,24 @@ def time_d3rlpy(algo: str, dataset: str, warmup: int, updates: int, threads: int
         return json.loads(out.read_text().splitlines()[-1])["updates_per_s_overall"]
 
 
+def rotated_rounds(runners: dict, rounds: int, label: str) -> dict[str, list[float]]:
+    """Each runner's updates/s once per round, the order rotating from round to round (a busy machine slows them alike)."""
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(runners[name]())
+            print(f"  {label} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
+    return rates
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line (the raw rows every benchmark keeps under tools/results/)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def bench(algo: str, args: argparse.Namespace) -> dict:
     updates = args.updates if algo in ("td3bc", "iql") else (args.cql_updates or max(args.updates // 10, 5))
     warmup = args.warmup if algo in ("td3bc", "iql") else max(args.warmup // 4, 3)
@@ -210,12 +228,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
     if args.bf16:
         runners["lightning_bf16"] = lambda: time_lightning(algo, args.dataset, warmup, updates, precision="bf16-mixed")
         runners["plain_bf16"] = lambda: time_plain(algo, args.dataset, warmup, updates, bf16=True)
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            rates[name].append(runners[name]())
-            print(f"  {algo} round {r} {name}: {rates[name][-1]:.1f} updates/s", flush=True)
+    rates = rotated_rounds(runners, args.rounds, algo)
     median = {name: statistics.median(v) for name, v in rates.items()}
     ratios = {"lightning_vs_d3rlpy": median["lightning"] / median["d3rlpy"]} if "d3rlpy" in median else {}
     ratios["plain_vs_d3rlpy"] = median["plain"] / median["d3rlpy"] if "d3rlpy" in median else None
@@ -306,9 +319,7 @@ def main(args: argparse.Namespace) -> None:
                 flush=True,
             )
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            with args.json.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_jsonl(args.json, result)
 
 
 if __name__ == "__main__":
