@@ -86,7 +86,8 @@ def time_members(algo: str, dataset: str, members: int | None, warmup: int, upda
     def batch(step: int):
         draws = [transitions.sample_transitions(256, torch.Generator().manual_seed(stream_seed(s, step)), gamma) for s in seeds or [0]]
         raw = stack_batches(draws) if seeds is not None else draws[0]
-        return model.prepare(raw.replace(**{k: v.to(device) for k, v in vars(raw).items() if v is not None}))
+        raw = raw.replace(**{k: v.to(device) for k, v in vars(raw).items() if v is not None})
+        return raw if cls.__name__ == "BC" else model.prepare(raw)  # BC standardises inside its loss
 
     def step(i: int) -> None:
         if cls.__name__ == "BC":  # automatic optimisation: its training_step's loss, one Adam step
