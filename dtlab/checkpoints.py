@@ -61,7 +61,7 @@ def member_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, Any]:
     callbacks, update count) is kept as it is."""
     hparams = checkpoint["hyper_parameters"]
     n_members = len(hparams["seeds"])
-    stacked = {k for k, v in checkpoint["state_dict"].items() if k in checkpoint.get("dtlab_stacked", ())}
+    stacked = set(checkpoint["dtlab_stacked"])  # the parameters' names (OfflineRLModule.on_save_checkpoint)
     out = dict(checkpoint)
     out["hyper_parameters"] = {**hparams, "seeds": None}
     out["state_dict"] = {k: v[index].clone() if k in stacked else v for k, v in checkpoint["state_dict"].items()}

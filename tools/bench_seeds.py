@@ -59,11 +59,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tools"))
 from bench_value import (  # noqa: E402
-    D3RLPY_PYTHON,
     append_jsonl,
     flops_per_update,
     matmul_flops_per_s,
     model_class_and_args,
+    require_d3rlpy,
     rotated_rounds,
     time_d3rlpy,
 )
@@ -146,8 +146,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    if not args.no_d3rlpy and not D3RLPY_PYTHON.exists():
-        sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --no-d3rlpy)")
+    require_d3rlpy(args.no_d3rlpy)
     print(f"aggregate updates/s on {args.dataset}, batch 256 per seed, {args.threads} thread(s), {args.device}, median of {args.rounds} rounds")
     for algo in args.algos:
         r = bench(algo, args)

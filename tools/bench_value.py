@@ -206,6 +206,12 @@ def rotated_rounds(runners: dict, rounds: int, label: str) -> dict[str, list[flo
     return rates
 
 
+def require_d3rlpy(skipped: bool) -> None:
+    """Stop with the way to make d3rlpy's venv, unless the benchmark skips d3rlpy."""
+    if not skipped and not D3RLPY_PYTHON.exists():
+        sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --no-d3rlpy)")
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (the raw rows every benchmark keeps under tools/results/)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,8 +303,7 @@ def main(args: argparse.Namespace) -> None:
         quality_table()
         return
     torch.set_num_threads(args.threads)
-    if not args.no_d3rlpy and not D3RLPY_PYTHON.exists():
-        sys.exit(f"{D3RLPY_PYTHON} is missing: run `bash tools/setup_d3rlpy_venv.sh` (or pass --no-d3rlpy)")
+    require_d3rlpy(args.no_d3rlpy)
     print(f"updates/s on {args.dataset}, batch 256, {args.threads} thread(s), median of {args.rounds} rounds")
     for algo in args.algos:
         result = bench(algo, args)
