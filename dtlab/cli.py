@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dtlab.algos import ALGORITHMS, OfflineRLModule
+from dtlab.algos.members import MembersError
 from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume, RunReport
 from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
 from dtlab.commands import COMMANDS, UsageError
@@ -262,7 +263,7 @@ def shell_style(function: Callable, args: list[str]) -> list[str]:
     return out
 
 
-USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, OnlineError, UsageError)  # DatasetError covers SpecMismatchError
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, OnlineError, UsageError, MembersError)  # DatasetError covers SpecMismatchError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from dtlab.algos.members import MemberPolicies, build_members, build_single, member_randn, member_vmap, stack_parameters
+from dtlab.algos.members import MemberPolicies, MembersError, build_members, build_single, member_randn, member_vmap, stack_parameters
 from dtlab.data.samplers import BatchFormat
 from dtlab.envs import Agent, StatelessAgent
 from dtlab.spec import DatasetSpec
@@ -123,7 +123,7 @@ class OfflineRLModule(L.LightningModule):
     def require_single_seed(self, what: str) -> None:
         """Refuse `what` (saving, export, online fine-tuning...) for a model of several members, saying how to get one."""
         if self.member_seeds is not None:
-            raise ValueError(
+            raise MembersError(
                 f"{what} takes one seed, and this {type(self).__name__} holds {self.n_members} (seeds {self.member_seeds}). "
                 "Extract one first: `dtlab member CHECKPOINT --out FOLDER` (or `model.member(i)` in Python)."
             )

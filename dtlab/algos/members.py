@@ -34,6 +34,10 @@ from dtlab.data.samplers import TransitionBatch
 torch.export.register_dataclass(TransitionBatch, serialized_type_name="dtlab.TransitionBatch")
 
 
+class MembersError(ValueError):
+    """Something that takes one seed was given a model of several (the message says how to extract one)."""
+
+
 def build_single(cls: type[nn.Module], init_args: dict[str, Any]) -> nn.Module:
     """`cls(**init_args)` as an ordinary single-seed model. Built in an empty context: LightningCLI instantiates a
     model inside a context whose hyperparameters every model built in it would take (the members' seeds too)."""
