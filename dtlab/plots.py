@@ -164,8 +164,11 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
             steps = np.unique(np.concatenate([s[s <= end] for s, _ in curves]))
             values = np.stack([np.interp(steps, s, v) for s, v in curves])
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, color=color, label=f"{name} (mean of {len(curves)})")
+            few = len(steps) < 30  # a few evaluations: markers and ± std bars (a band over one point is invisible)
+            ax.plot(steps, mean, color=color, label=f"{name} (mean of {len(curves)})", marker="o" if few else None, ms=3)
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            if few:
+                ax.errorbar(steps, mean, yerr=std, fmt="none", color=color, capsize=3)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("environment steps (online)" if online else "updates")
         ax.grid(alpha=0.3)
