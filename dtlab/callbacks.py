@@ -112,12 +112,12 @@ def member_metrics(returns: np.ndarray, seeds: Sequence[int], spec: DatasetSpec)
     has_refs = spec.ref_min_score is not None and spec.ref_max_score is not None
     names = {"return": returns} | ({"normalized_score": spec.normalized_score(returns)} if has_refs else {})
     metrics: dict[str, float] = {}
-    for name, values in names.items():
-        per_member = np.asarray(values, dtype=np.float64).mean(axis=1)
+    means = {name: np.asarray(values, dtype=np.float64).mean(axis=1) for name, values in names.items()}  # per member
+    for name, per_member in means.items():
         metrics[f"eval/{name}"] = float(per_member.mean())
         metrics |= {f"eval/{name}/seed_{seed}": float(v) for seed, v in zip(seeds, per_member)}
     primary = "normalized_score" if has_refs else "return"
-    per_member = np.array([metrics[f"eval/{primary}/seed_{seed}"] for seed in seeds])
+    per_member = means[primary]
     low, high = bootstrap_ci(per_member)
     metrics |= {f"eval/{primary}/std": float(per_member.std()), f"eval/{primary}/iqm": interquartile_mean(per_member)}
     return metrics | {f"eval/{primary}/iqm_low": low, f"eval/{primary}/iqm_high": high}
