@@ -1,7 +1,7 @@
 """Seeds as a batch dimension: aggregate updates/s of S seeds in one model against one seed per model, side by side.
 
     MINARI_DATASETS_PATH=../shared/datasets/minari DTLAB_CACHE_DIR=/tmp/dtlab-cache \
-        python tools/bench_seeds.py --algos td3bc iql --seeds 1 2 5 10 --rounds 3 --flops \
+        python tools/bench_seeds.py --algos td3bc iql --seeds 1 2 5 10 --rounds 5 --bound \
             --json tools/results/seeds/speed.jsonl
 
 Per algorithm and round (the order rotates from round to round, so a busy machine slows them alike), each
@@ -18,6 +18,10 @@ code training_step calls) in a plain loop, on batches of 256 per seed drawn as t
 
 With --flops, the FLOPs of one single-seed update (x S for S members) times the aggregate rate, as a share
 of a float32 bmm of the critics' hidden shape on this machine: how much of the matmul rate each reaches.
+With --bound (implies --flops), why the members gain what they gain, without a profiler: per seed-update,
+the time the products would take at the matmul rate and the rest; the ceiling 1 / (the single model's share
+of the matmul rate), reached only were every product at that rate and the rest free; how much faster one bmm
+of S hidden-layer products runs than S separate mm's; and the mm rate at width 256 against 2048.
 Medians over rounds; with --json one line per algorithm is appended.
 """
 
@@ -29,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="dtlab's variants with the models' `compile: true` (torch.compile'd losses)")
     p.add_argument("--flops", action="store_true", help="also print each variant's share of the float32 matmul rate")
+    p.add_argument("--bound", action="store_true", help="also print why the members gain what they do: time beyond the products, the ceiling, bmm vs mm")
     p.add_argument("--no-d3rlpy", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
@@ -69,12 +76,13 @@ from bench_value import (  # noqa: E402
 )
 
 
-def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str) -> float:
-    """Updates/s of conf/<algo>.yaml's model with `members` seeds (None: an ordinary single-seed model)."""
+def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str, compile: bool) -> float:
+    """Updates/s of conf/<algo>.yaml's model with `members` seeds (None: an ordinary single-seed model); `compile`:
+    the model's `compile: true` (its losses torch.compiled, compiled during the warm-up)."""
     from dtlab.data.module import OfflineDataModule, stream_seed
     from dtlab.data.samplers import stack_batches
 
-    cls, init_args = model_class_and_args(algo)
+    cls, init_args = model_class_and_args(algo, compile=compile)
     seeds = None if members is None else list(range(members))
     data = OfflineDataModule(dataset, batch_size=256)
     model = cls(spec=data.spec, **init_args, seeds=seeds).to(device)
@@ -110,12 +118,44 @@ def time_members(algo: str, dataset: str, members: int | None, warmup: int, upda
     return updates / (time.perf_counter() - start)
 
 
+def batched_gemm_speedup(members: int, width: int = 256, rows: int = 256, repeats: int = 50) -> float:
+    """How much faster one torch.bmm of `members` (rows x width) @ (width x width) products runs than the same
+    products one torch.mm each (the hidden layers' shape at batch 256): median of 5."""
+    a, b = torch.randn(members, rows, width), torch.randn(members, width, width)
+
+    def seconds(fn: Callable[[], object]) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return time.perf_counter() - start
+
+    ratios = [seconds(lambda: [torch.mm(a[i], b[i]) for i in range(members)]) / seconds(lambda: torch.bmm(a, b)) for _ in range(5)]
+    return statistics.median(ratios)
+
+
+def time_breakdown(result: dict, seeds: list[int]) -> dict:
+    """Why the members gain what they gain, without a profiler: per seed-update, the time the matrix products would
+    take at the matmul rate (FLOPs / rate) and the rest (everything else, and the products' shortfall from that
+    rate); the ceiling 1 / (the single model's share of the matmul rate), reached only were every product at
+    that rate and the rest free; how much faster one bmm of S hidden-layer products runs than S separate mm's;
+    and the mm rate at width 256 against 2048 (does batching into larger products raise the rate?)."""
+    at_rate = 1e3 * result["gflop_per_update"] / result["matmul_gflop_per_s"]
+    ms = {name: {"total": 1e3 / agg, "products_at_rate": at_rate, "rest": 1e3 / agg - at_rate} for name, agg in result["aggregate_updates_per_s"].items()}
+    return {
+        "ms_per_seed": ms,
+        "ceiling": 1 / result["fraction_of_matmul_rate"]["single"],
+        "batched_gemm_speedup": {f"members_{s}": batched_gemm_speedup(s) for s in seeds},
+        "mm_gflop_per_s": {w: matmul_flops_per_s(rows=w, width=w, n=1, repeats=max(2, 20 * (256 // w) ** 3)) / 1e9 for w in (256, 2048)},
+    }
+
+
 def bench(algo: str, args: argparse.Namespace) -> dict:
     heavy = algo in ("cql", "calql")
     updates, warmup = (max(args.updates // 10, 5), max(args.warmup // 4, 3)) if heavy else (args.updates, args.warmup)
-    runners = {"single": lambda: time_members(algo, args.dataset, None, warmup, updates, args.device)}
+    runners = {"single": lambda: time_members(algo, args.dataset, None, warmup, updates, args.device, args.compile)}
     for s in args.seeds:
-        runners[f"members_{s}"] = lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device)
+        runners[f"members_{s}"] = lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device, args.compile)
     if not args.no_d3rlpy and algo != "bc":
         runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
     rates = rotated_rounds(runners, args.rounds, algo)
@@ -127,6 +167,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         "dataset": args.dataset,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
         "threads": args.threads,
+        "compile": args.compile,
         "batch_size_per_seed": 256,
         "timed_updates": updates,
         "rounds": args.rounds,
@@ -137,10 +178,12 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if args.flops:
+    if args.flops or args.bound:
         flops, peak = flops_per_update(algo, args.dataset), matmul_flops_per_s()
         result |= {"gflop_per_update": flops / 1e9, "matmul_gflop_per_s": peak / 1e9}
         result["fraction_of_matmul_rate"] = {name: aggregate[name] * flops / peak for name in aggregate}
+    if args.bound:
+        result |= time_breakdown(result, args.seeds)
     return result
 
 
@@ -152,9 +195,24 @@ def main(args: argparse.Namespace) -> None:
         r = bench(algo, args)
         cells = []
         for name, agg in r["aggregate_updates_per_s"].items():
-            share = f", {r['fraction_of_matmul_rate'][name]:.0%} of matmul" if args.flops else ""
+            share = f", {r['fraction_of_matmul_rate'][name]:.0%} of matmul" if args.flops or args.bound else ""
             cells.append(f"{name} {agg:.1f} ({r['aggregate_vs_single'][name]:.2f}x{share})")
         print(f"{algo}: " + " | ".join(cells), flush=True)
+        if args.bound:
+            rates, single = r["mm_gflop_per_s"], r["ms_per_seed"]["single"]
+            print(
+                f"{algo} ceiling: {r['ceiling']:.2f}x, were every product at the matmul rate and all else free;"
+                f" torch.mm runs {rates[256]:.0f} GFLOP/s at width 256, {rates[2048]:.0f} at 2048",
+                flush=True,
+            )
+            for name, t in r["ms_per_seed"].items():
+                line = f"  {name}, ms per seed-update: {t['total']:.1f} = {t['products_at_rate']:.1f} products at the matmul rate + {t['rest']:.1f} the rest"
+                if name in r["batched_gemm_speedup"]:
+                    line += (
+                        f" ({t['rest'] / single['rest']:.0%} of the single's); one bmm of its {name.split('_')[1]} hidden-layer products"
+                        f" runs {r['batched_gemm_speedup'][name]:.2f}x as fast as separate mm's"
+                    )
+                print(line, flush=True)
         if args.json:
             append_jsonl(args.json, r)
 
