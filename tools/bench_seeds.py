@@ -21,7 +21,8 @@ of a float32 bmm of the critics' hidden shape on this machine: how much of the m
 With --bound (implies --flops), why the members gain what they gain, without a profiler: per seed-update,
 the time the products would take at the matmul rate and the rest; the ceiling 1 / (the single model's share
 of the matmul rate), reached only were every product at that rate and the rest free; how much faster one bmm
-of S hidden-layer products runs than S separate mm's; and the mm rate at width 256 against 2048.
+of S hidden-layer products runs than S separate mm's; the mm rate at width 256 against 2048; and each
+variant's time per update at batch 2 per seed, the cost that does not grow with the batch.
 Medians over rounds; with --json one line per algorithm is appended.
 """
 
@@ -76,15 +77,15 @@ from bench_value import (  # noqa: E402
 )
 
 
-def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str, compile: bool) -> float:
-    """Updates/s of conf/<algo>.yaml's model with `members` seeds (None: an ordinary single-seed model); `compile`:
-    the model's `compile: true` (its losses torch.compiled, compiled during the warm-up)."""
+def time_members(algo: str, dataset: str, members: int | None, warmup: int, updates: int, device: str, compile: bool, batch_size: int = 256) -> float:
+    """Updates/s of conf/<algo>.yaml's model with `members` seeds (None: an ordinary single-seed model) on batches of
+    `batch_size` per seed; `compile`: the model's `compile: true` (its losses torch.compiled during the warm-up)."""
     from dtlab.data.module import OfflineDataModule, stream_seed
     from dtlab.data.samplers import stack_batches
 
     cls, init_args = model_class_and_args(algo, compile=compile)
     seeds = None if members is None else list(range(members))
-    data = OfflineDataModule(dataset, batch_size=256)
+    data = OfflineDataModule(dataset, batch_size=batch_size)
     model = cls(spec=data.spec, **init_args, seeds=seeds).to(device)
     out = model.configure_optimizers()
     optimizers, schedulers = out if isinstance(out, tuple) else (out, [])
@@ -92,7 +93,7 @@ def time_members(algo: str, dataset: str, members: int | None, warmup: int, upda
     gamma, transitions = model.batch_format.mc_return_gamma, data.transitions
 
     def batch(step: int):
-        draws = [transitions.sample_transitions(256, torch.Generator().manual_seed(stream_seed(s, step)), gamma) for s in seeds or [0]]
+        draws = [transitions.sample_transitions(batch_size, torch.Generator().manual_seed(stream_seed(s, step)), gamma) for s in seeds or [0]]
         raw = stack_batches(draws) if seeds is not None else draws[0]
         raw = raw.replace(**{k: v.to(device) for k, v in vars(raw).items() if v is not None})
         return raw if cls.__name__ == "BC" else model.prepare(raw)  # BC standardises inside its loss
@@ -153,9 +154,13 @@ def time_breakdown(result: dict, seeds: list[int]) -> dict:
 def bench(algo: str, args: argparse.Namespace) -> dict:
     heavy = algo in ("cql", "calql")
     updates, warmup = (max(args.updates // 10, 5), max(args.warmup // 4, 3)) if heavy else (args.updates, args.warmup)
-    runners = {"single": lambda: time_members(algo, args.dataset, None, warmup, updates, args.device, args.compile)}
-    for s in args.seeds:
-        runners[f"members_{s}"] = lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device, args.compile)
+
+    def dtlab_runners(batch_size: int) -> dict:
+        """The single-seed model and every member count, on batches of `batch_size` per seed."""
+        variants = {"single": None} | {f"members_{s}": s for s in args.seeds}
+        return {name: lambda s=s: time_members(algo, args.dataset, s, warmup, updates, args.device, args.compile, batch_size) for name, s in variants.items()}
+
+    runners = dtlab_runners(256)
     if not args.no_d3rlpy and algo != "bc":
         runners["d3rlpy"] = lambda: time_d3rlpy(algo, args.dataset, warmup, updates, args.threads)
     rates = rotated_rounds(runners, args.rounds, algo)
@@ -184,6 +189,9 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         result["fraction_of_matmul_rate"] = {name: aggregate[name] * flops / peak for name in aggregate}
     if args.bound:
         result |= time_breakdown(result, args.seeds)
+        # The per-update cost that does not grow with the batch (dispatch, vmap, optimiser steps): batch 2 per seed.
+        small = rotated_rounds(dtlab_runners(2), args.rounds, f"{algo} batch 2")
+        result["ms_per_update_at_batch_2"] = {name: 1e3 / statistics.median(v) for name, v in small.items()}
     return result
 
 
@@ -213,6 +221,8 @@ def main(args: argparse.Namespace) -> None:
                         f" runs {r['batched_gemm_speedup'][name]:.2f}x as fast as separate mm's"
                     )
                 print(line, flush=True)
+            at_2 = ", ".join(f"{name} {ms:.1f}" for name, ms in r["ms_per_update_at_batch_2"].items())
+            print(f"  ms per update, batch 2 per seed (the cost that does not grow with the batch): {at_2}", flush=True)
         if args.json:
             append_jsonl(args.json, r)
 
