@@ -52,7 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="dtlab's variants with the models' `compile: true` (torch.compile'd losses)")
     p.add_argument("--flops", action="store_true", help="also print each variant's share of the float32 matmul rate")
-    p.add_argument("--bound", action="store_true", help="also print why the members gain what they do: time beyond the products, the ceiling, bmm vs mm")
+    p.add_argument(
+        "--bound",
+        action="store_true",
+        help="CPU only: also print why the members gain what they do (time beyond the products, the ceiling, bmm vs mm, batch 2)",
+    )
     p.add_argument("--no-d3rlpy", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
@@ -198,6 +202,8 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     require_d3rlpy(args.no_d3rlpy)
+    if args.bound and args.device != "cpu":
+        sys.exit("--bound compares against this CPU's matmul rate: run it with --device cpu")
     print(f"aggregate updates/s on {args.dataset}, batch 256 per seed, {args.threads} thread(s), {args.device}, median of {args.rounds} rounds")
     for algo in args.algos:
         r = bench(algo, args)
