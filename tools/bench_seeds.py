@@ -187,7 +187,7 @@ def bench(algo: str, args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if args.flops or args.bound:
+    if args.flops:
         flops, peak = flops_per_update(algo, args.dataset), matmul_flops_per_s()
         result |= {"gflop_per_update": flops / 1e9, "matmul_gflop_per_s": peak / 1e9}
         result["fraction_of_matmul_rate"] = {name: aggregate[name] * flops / peak for name in aggregate}
@@ -204,12 +204,13 @@ def main(args: argparse.Namespace) -> None:
     require_d3rlpy(args.no_d3rlpy)
     if args.bound and args.device != "cpu":
         sys.exit("--bound compares against this CPU's matmul rate: run it with --device cpu")
+    args.flops = args.flops or args.bound  # --bound builds on the shares of the matmul rate
     print(f"aggregate updates/s on {args.dataset}, batch 256 per seed, {args.threads} thread(s), {args.device}, median of {args.rounds} rounds")
     for algo in args.algos:
         r = bench(algo, args)
         cells = []
         for name, agg in r["aggregate_updates_per_s"].items():
-            share = f", {r['fraction_of_matmul_rate'][name]:.0%} of matmul" if args.flops or args.bound else ""
+            share = f", {r['fraction_of_matmul_rate'][name]:.0%} of matmul" if args.flops else ""
             cells.append(f"{name} {agg:.1f} ({r['aggregate_vs_single'][name]:.2f}x{share})")
         print(f"{algo}: " + " | ".join(cells), flush=True)
         if args.bound:
