@@ -383,10 +383,42 @@ class DivergenceGuard(Callback):
         )
 
 
+def progress(ready: int, started: int, processed: int, completed: int) -> dict[str, int]:
+    return {"ready": ready, "started": started, "processed": processed, "completed": completed}
+
+
+def resume_after_update(fit_loop: dict[str, Any], steps_per_epoch: int) -> None:
+    """Rewrite a checkpoint's saved fit-loop progress to what Lightning restores as "update n done", n being the
+    updates the checkpoint holds, with epochs of `steps_per_epoch` updates: mid-epoch, the state of a checkpoint
+    written at the end of update n (the rest of the epoch follows); at an epoch's end, the state of a finished epoch
+    (the next starts afresh). Lightning's own state depends on the hook that wrote the checkpoint (a batch end, an
+    epoch end, or the end of a fit stopped by max_steps mid-epoch), and from the last two a resumed run stops at the
+    old epoch count; rewritten, it continues to any budget, with the epoch boundaries of a straight run."""
+    batches = fit_loop["epoch_loop.batch_progress"]
+    n = int(batches["total"]["processed"])  # updates made (one batch is one update)
+    if n == 0:
+        return
+    epochs, done = divmod(n, steps_per_epoch)
+    if done == 0:  # a whole number of epochs: all finished, none started
+        fit_loop["epoch_progress"] = {k: progress(epochs, epochs, epochs, epochs) for k in ("total", "current")}
+        batches |= {"total": progress(n, n, n, n), "current": progress(0, 0, 0, 0), "is_last_batch": False}
+        fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] = n
+    else:  # inside epoch `epochs`, `done` of its updates made
+        fit_loop["epoch_progress"] = {k: progress(epochs + 1, epochs + 1, epochs, epochs) for k in ("total", "current")}
+        batches |= {"total": progress(n, n, n, n - 1), "current": progress(done, done, done, done - 1), "is_last_batch": False}
+        fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] = n - 1
+
+
 class ExactResume(Callback):
     """Saves every random number generator the run draws from (torch CPU and CUDA, numpy, random) with
     the checkpoint and restores them on resume. With the DataModule's update-indexed batch stream, a
-    resumed run repeats the uninterrupted one exactly on CPU."""
+    resumed run repeats the uninterrupted one exactly on CPU, to any budget: the checkpoint's loop state is
+    read as "n updates made" (`resume_after_update`), whichever hook wrote it."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        steps_per_epoch = getattr(trainer.datamodule, "steps_per_epoch", None)
+        if steps_per_epoch is not None and "loops" in checkpoint:  # called before Lightning restores the loops from it
+            resume_after_update(checkpoint["loops"]["fit_loop"], steps_per_epoch)
 
     def state_dict(self) -> dict[str, Any]:
         np_state = np.random.get_state()

@@ -6,8 +6,9 @@ Adding an algorithm adds a config and a row to TINY: nothing else here names an 
   `last.ckpt` holds global_step N;
 - a checkpoint alone acts: `load_checkpoint` in a fresh process gives the same actions;
 - 2-process CPU DDP fits;
-- resume is exact: N/2 updates + resume reaches the parameters, optimiser state and training metrics of N
-  straight updates, bit for bit on CPU, from a checkpoint in the middle of an epoch or at its end.
+- resume is exact and continues to any budget: 4 updates, resumed to 6, resumed to 9 reach the parameters,
+  optimiser state, training metrics and evaluation steps of 9 straight updates, bit for bit on CPU (from fits
+  that ended mid-epoch and at an epoch end, whatever max_epochs the config holds).
 """
 
 from __future__ import annotations
@@ -163,33 +164,59 @@ def test_two_process_ddp_fits_and_equals_one_process_with_the_global_batch(confi
     assert half_gap > 1e-4 and ddp_gap < 1e-2 * half_gap, (ddp_gap, half_gap)
 
 
+# IQL's actor schedule spans the run's budget unless its length is given: a run resumed to a larger budget re-plans
+# it (and warns), so the contract fixes it (test_iql_resumed_to_a_new_budget_warns_that_its_schedule_changes).
+FIXED_SCHEDULE = {"IQL": ["--model.init_args.lr_schedule_updates", "100"]}
+
+
+def assert_same_training(straight, resumed, straight_dir: Path, resumed_dir: Path, what: str) -> None:
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{what}: parameters differ: {different}"
+    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers):
+        for s_a, s_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+            assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), f"{what}: optimiser state differs"
+    assert train_rows(straight_dir) == train_rows(resumed_dir), f"{what}: training metrics differ"
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_resume_is_exact(config, pendulum_id, tmp_path):
-    budget = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "100", "--trainer.max_steps", "9")
-    # the straight run also keeps a checkpoint after every update (epochs of 3: update 5 is mid-epoch, 6 ends one)
-    every = (
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps",
-        "1",
-        "--trainer.callbacks.save_top_k",
-        "-1",
-        "--trainer.callbacks.filename",
-        "at-{step}",
-    )
-    straight = fit(config, pendulum_id, tmp_path / "straight", *budget, *every)
-    straight_rows = train_rows(tmp_path / "straight")
+def test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path):
+    # Train 4 updates (the fit ends mid-epoch), resume to 6 (it ends at an epoch end), resume to 9: bit for bit the
+    # straight 9-update run, with its epoch ends (evaluations), whatever max_epochs says.
+    epochs = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "1", *FIXED_SCHEDULE.get(class_name(config), []))
+    straight = fit(config, pendulum_id, tmp_path / "straight", *epochs, "--trainer.max_steps", "9")
+    for budget in (4, 6, 9):
+        resume = ("--ckpt_path", "last") if budget > 4 else ()
+        resumed = fit(config, pendulum_id, tmp_path / "resumed", *epochs, "--trainer.max_steps", str(budget), *resume)
+        assert resumed.trainer.global_step == budget
+    assert_same_training(straight, resumed, tmp_path / "straight", tmp_path / "resumed", "4 -> 6 -> 9 updates")
+    with open(next((tmp_path / "resumed").rglob("metrics.csv"))) as f:
+        evaluated = [int(r["step"]) for r in csv.DictReader(f) if r.get("eval/return")]
+    assert evaluated == [2, 3, 5, 8], "epoch ends at updates 3, 6, 9 (logged 0-based), plus the first fit's end at 4"
+
+
+@pytest.mark.parametrize("config", ["bc.yaml", "td3bc.yaml"])
+def test_resume_from_a_checkpoint_written_mid_epoch_at_a_batch_end_is_exact(config, pendulum_id, tmp_path):
+    budget = ("--data.steps_per_epoch", "3", "--trainer.max_steps", "9")
+    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1")
+    straight = fit(config, pendulum_id, tmp_path / "straight", *budget, *every, "--trainer.callbacks.filename", "at-{step}")
     for stop in (5, 6):  # mid-epoch, epoch end
         ckpt = next((tmp_path / "straight").rglob(f"at-step={stop}.ckpt"))
         resumed = fit(config, pendulum_id, tmp_path / f"resumed-{stop}", *budget, "--ckpt_path", str(ckpt))
         assert resumed.trainer.global_step == 9
         a, b = straight.model.state_dict(), resumed.model.state_dict()
-        different = [name for name in a if not torch.equal(a[name], b[name])]
-        assert not different, f"resumed at {stop}: parameters differ: {different}"
-        for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers):
-            for s_a, s_b in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
-                assert all(torch.equal(s_a[k], s_b[k]) for k in s_a), f"resumed at {stop}: optimiser state differs"
-        resumed_rows = train_rows(tmp_path / f"resumed-{stop}")
-        assert straight_rows and {s: straight_rows[s] for s in range(stop, 9)} == {s: resumed_rows[s] for s in range(stop, 9)}
+        assert all(torch.equal(a[name], b[name]) for name in a), f"resumed at {stop}: parameters differ"
+        rows = train_rows(tmp_path / f"resumed-{stop}")
+        assert {s: train_rows(tmp_path / "straight")[s] for s in range(stop, 9)} == {s: rows[s] for s in range(stop, 9)}
+
+
+def test_iql_resumed_to_a_new_budget_warns_that_its_schedule_changes(pendulum_id, tmp_path):
+    fit("iql.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "2", "--trainer.max_steps", "2", "--evaluation.episodes", "0")
+    with pytest.warns(UserWarning, match="cosine schedule spanned 2 updates and now spans 4"):
+        resumed = fit(
+            "iql.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "2", "--trainer.max_steps", "4", "--evaluation.episodes", "0", "--ckpt_path", "last"
+        )
+    assert resumed.trainer.global_step == 4
 
 
 def test_ckpt_path_last_continues_the_newest_complete_run(pendulum_id, tmp_path):
@@ -209,7 +236,7 @@ def test_ckpt_path_last_continues_the_newest_complete_run(pendulum_id, tmp_path)
 def test_resume_last_without_a_checkpoint_says_so(pendulum_id, tmp_path):
     from dtlab.checkpoints import CheckpointError
 
-    with pytest.raises(CheckpointError, match="no complete checkpoint under"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint of an offline run under"):
         fit("bc.yaml", pendulum_id, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last")
 
 

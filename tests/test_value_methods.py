@@ -402,6 +402,11 @@ def test_signature_defaults_are_the_documented_ones(cls) -> None:
 
 def test_iql_cosine_schedule_spans_corls_run_without_a_trainer() -> None:
     # benchmarks build optimisers with no trainer: the schedule is then CORL's 1M updates, not 0 or 1
-    (_, schedule) = IQL(toy_spec(), actor_hidden_dims=(8,), critic_hidden_dims=(8,), value_hidden_dims=(8,)).configure_optimizers()
-    assert schedule[0].T_max == 1_000_000
-    assert IQL(toy_spec(), lr_schedule_updates=7).configure_optimizers()[1][0].T_max == 7
+    def factors(model: IQL, steps: list[int]) -> list[float]:
+        (_, (schedule,)) = model.configure_optimizers()
+        return [schedule.lr_lambdas[0](step) for step in steps]
+
+    tiny = {"actor_hidden_dims": (8,), "critic_hidden_dims": (8,), "value_hidden_dims": (8,)}
+    assert factors(IQL(toy_spec(), **tiny), [0, 500_000, 1_000_000]) == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    # cos(π t / T) in closed form: 0.5 at the middle, 0 at the end and after it (no climb back as CosineAnnealingLR's recursion)
+    assert factors(IQL(toy_spec(), lr_schedule_updates=8, **tiny), [0, 2, 4, 8, 12]) == pytest.approx([1.0, 0.5 + 0.5**1.5, 0.5, 0.0, 0.0], abs=1e-12)

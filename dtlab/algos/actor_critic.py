@@ -99,8 +99,14 @@ class ActorCriticModule(OfflineRLModule):
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()
-        # Log only on the updates the logger writes: Lightning's self.log costs ~1 ms per call on CPU.
-        # Under DDP each metric is the mean over processes.
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        # Log only on the updates the logger writes (Lightning writes a row after update k when (k + 1) is a multiple
+        # of log_every_n_steps): Lightning's self.log costs ~1 ms per call on CPU. Under DDP each metric is the mean over processes.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            logged = {f"train/{k}": v for k, v in metrics.items()}
+            # A metric not computed at this update (TD3+BC's delayed actor loss) is not written with an older value:
+            # Lightning would repeat its last one within the epoch (and a resumed run would not).
+            for key, result in self.trainer._results.items():
+                if key.startswith("training_step.train/") and key.removeprefix("training_step.") not in logged:
+                    result.reset()
+            self.log_dict(logged, sync_dist=True)
         return metrics

@@ -17,6 +17,7 @@ false), no dropout.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,10 +155,32 @@ class IQL(ActorCriticModule):
             return int(trainer.estimated_stepping_batches)  # batches = updates under manual optimisation
         return 1_000_000  # CORL's max_timesteps
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dtlab_schedule_updates"] = getattr(self, "planned_schedule", None)
+
+    def on_train_start(self) -> None:
+        saved = getattr(self, "resumed_schedule", None)
+        if saved is not None and saved != self.planned_schedule:
+            warnings.warn(
+                f"IQL: the actor's cosine schedule spanned {saved} updates and now spans {self.planned_schedule} (the run's new budget): from "
+                f"update {self.global_step} on it follows the new one, so this run differs from a straight run of {self.planned_schedule}. "
+                "--model.init_args.lr_schedule_updates N fixes the schedule whatever the budget.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.resumed_schedule = checkpoint.get("dtlab_schedule_updates")
+
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
         actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True)
         critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True)
         value_opt = torch.optim.Adam(self.value.parameters(), lr=self.hparams.value_lr, fused=True)
-        # Lightning does not step schedulers under manual optimisation: update() does, once per batch.
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=self.schedule_length())
+        # Lightning does not step schedulers under manual optimisation: update() does, once per batch. The cosine in
+        # closed form (a function of the update alone, unlike CosineAnnealingLR's recursion): a run resumed to a new
+        # budget follows the schedule planned for it from the update it resumes at.
+        updates = self.planned_schedule = self.schedule_length()
+        schedule = torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, updates) / updates)))
         return [actor_opt, critic_opt, value_opt], [schedule]
