@@ -8,9 +8,11 @@ builds the class named in the file from dtlab's registry, never from an import p
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +40,67 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(
             f"Checkpoint {path} holds pickled Python objects{what}, which dtlab never loads (they could run code). Only load checkpoints written by dtlab."
         ) from None
-    except (EOFError, RuntimeError) as err:
+    except (EOFError, RuntimeError, OSError, ValueError) as err:  # a cut zip archive can raise any of these (OSError: Errno 22 on a seek)
         raise CheckpointError(f"Checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}). Use an earlier checkpoint.") from None
+
+
+def algorithm_class(name: Any, where: str) -> type[OfflineRLModule]:
+    """The registered algorithm a file names (dtlab never imports a class path a file carries)."""
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise CheckpointError(f"{where} names algorithm {name!r}, which is not a dtlab algorithm (known: {', '.join(ALGORITHMS)}).")
+    return ALGORITHMS[name]
+
+
+def check_hyperparameters(cls: type[OfflineRLModule], hparams: Any, where: str) -> dict[str, Any]:
+    """`hparams` as keyword arguments of `cls`, read as data: every key must be one of its parameters, and no value
+    may hold an import path (a `class_path` anywhere). Lightning's and the CLI's own `_` notes are dropped."""
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{where}: hyperparameters must be a mapping, got {type(hparams).__name__}.")
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: hyperparameter {unknown[0]!r} is not a parameter of {cls.__name__} (it takes {', '.join(sorted(known))}).")
+    path = _class_path_in(kwargs)
+    if path is not None:
+        raise CheckpointError(f"{where}: hyperparameter {path} holds an import path; dtlab reads hyperparameters as data and never imports from them.")
+    return kwargs
+
+
+def _class_path_in(value: Any, at: str = "") -> str | None:
+    """Where (dotted key) a nested `class_path` / `_class_path` key sits in `value`, if anywhere."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{at}.{key}" if at else str(key)
+            if key in ("class_path", "_class_path"):
+                return where
+            found = _class_path_in(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _class_path_in(item, f"{at}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def build_model(name: Any, hparams: Any, where: str) -> OfflineRLModule:
+    """The registered algorithm `name` built from stored hyperparameters, refused in one line if they do not fit it."""
+    cls = algorithm_class(name, where)
+    kwargs = check_hyperparameters(cls, hparams, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, KeyError) as err:  # e.g. a spec with missing fields, a size of the wrong type
+        raise CheckpointError(f"{where}: the stored hyperparameters do not build a {cls.__name__} ({type(err).__name__}: {err}).".splitlines()[0]) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> OfflineRLModule:
     """Any dtlab checkpoint as its model, ready to act (`.policy`, `.make_agent`): no config, no dataset."""
     checkpoint = read_checkpoint(path, map_location)
-    name = checkpoint.get("dtlab_algorithm")
-    if name not in ALGORITHMS:
-        raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {name!r}; known: {', '.join(ALGORITHMS)}).")
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # the CLI's own notes
-    model = ALGORITHMS[name](**hparams)
+    if checkpoint.get("dtlab_algorithm") not in ALGORITHMS:
+        raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {checkpoint.get('dtlab_algorithm')!r}; known: {', '.join(ALGORITHMS)}).")
+    model = build_model(checkpoint["dtlab_algorithm"], checkpoint.get("hyper_parameters"), f"Checkpoint {path}")
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.to(map_location)
 
@@ -112,13 +163,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location if map_location is not None else "cpu")
 
 
-def newest_complete_checkpoint(run_dir: Path) -> tuple[Path, Path] | None:
-    """(checkpoint, version dir) of the newest readable `last.ckpt` under run_dir/version_*/checkpoints."""
+def is_online(checkpoint: dict[str, Any]) -> bool:
+    """Whether a checkpoint was written by an online phase (fine-tuning: its callback's state travels with it)."""
+    return any(str(key).startswith(("OnlineFinetuning", "OnlineDecisionTransformer")) for key in checkpoint.get("callbacks") or {})
+
+
+def newest_complete_checkpoint(run_dir: Path, online: bool) -> tuple[Path, Path] | None:
+    """(checkpoint, version dir) of the newest readable `last.ckpt` under run_dir/version_*/checkpoints written by a run
+    of the same kind (an online fine-tuning run, or an offline one: they share runs/<algo>/). An unreadable file is
+    skipped with a warning naming it."""
     candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for ckpt in candidates:
         try:
-            read_checkpoint(ckpt)
-        except CheckpointError:
+            checkpoint = read_checkpoint(ckpt)
+        except CheckpointError as err:
+            warnings.warn(f"--ckpt_path last: skipping {ckpt}: {err}", UserWarning, stacklevel=2)
             continue
-        return ckpt, ckpt.parent.parent
+        if is_online(checkpoint) == online:
+            return ckpt, ckpt.parent.parent
     return None

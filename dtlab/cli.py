@@ -29,9 +29,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dtlab.algos import ALGORITHMS, OfflineRLModule
 from dtlab.algos.members import MembersError
 from dtlab.callbacks import DivergenceError, DivergenceGuard, EnvEvaluation, ExactResume, RunReport
-from dtlab.checkpoints import CheckpointError, newest_complete_checkpoint, read_checkpoint
+from dtlab.checkpoints import CheckpointError, check_hyperparameters, newest_complete_checkpoint, read_checkpoint
 from dtlab.commands import COMMANDS, UsageError
 from dtlab.data.module import OfflineDataModule
+from dtlab.envs import trust_entry_point
 from dtlab.online import OnlineError
 from dtlab.spec import DatasetError
 
@@ -79,11 +80,21 @@ class DTLabCLI(LightningCLI):
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters before anything else: check the file first, so a
-        # pickled, truncated or foreign checkpoint gives dtlab's one clear error (and runs nothing).
+        # LightningCLI reads --ckpt_path's hyperparameters into the config and resolves the class path they name.
+        # Check the file first: a pickled, truncated or foreign checkpoint, a class path that is not a registered
+        # algorithm or a hyperparameter the algorithm does not take gives dtlab's one-line error, and nothing is imported.
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+            hparams = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            class_path = hparams.get("_class_path")
+            if class_path is not None:
+                registered = {f"dtlab.algos.{name}": cls for name, cls in ALGORITHMS.items()}
+                if class_path not in registered:
+                    raise CheckpointError(
+                        f"Checkpoint {ckpt_path}: hyper_parameters._class_path {class_path!r} is not a dtlab algorithm "
+                        f"({', '.join(registered)}); dtlab never imports a class path stored in a file."
+                    )
+                check_hyperparameters(registered[class_path], hparams, f"Checkpoint {ckpt_path}")
         super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -106,6 +117,13 @@ class DTLabCLI(LightningCLI):
             default=None,
             help="Warm-start from a checkpoint (.ckpt), a model folder or a Hub repo id of the same algorithm, sizes and spaces: "
             "fine-tune it on this config's data.",
+        )
+        parser.add_argument(
+            "--env_entry_point",
+            type=str | None,
+            default=None,
+            help="Build the data's environment from this entry point (module:Class) when its id is not in gymnasium's registry. "
+            "dtlab never imports an entry point stored in a dataset or checkpoint unless it is named here (importing runs its code).",
         )
         parser.add_argument(
             "--torch_threads",
@@ -131,8 +149,11 @@ class DTLabCLI(LightningCLI):
         seeds = config.model.init_args.get("seeds") if hasattr(config.model, "init_args") else None
         if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):  # before the data is loaded
             raise UsageError(f"--model.init_args.seeds {list(seeds)}: give distinct integer seeds, one per member, e.g. '[0, 1, 2, 3, 4]'.")
+        if config.env_entry_point:
+            trust_entry_point(config.env_entry_point)
+        check_budget(config.trainer.max_steps, config.trainer.max_epochs)
         if config.ckpt_path == "last":
-            config.ckpt_path = self.resume_last(loggers)
+            config.ckpt_path = self.resume_last(loggers, online=any(is_online_phase(cb) for cb in config.trainer.callbacks or []))
         trainer = config.trainer
         if trainer.enable_progress_bar is False:  # Lightning refuses a progress bar callback then
             self.trainer_defaults["callbacks"] = [cb for cb in self.trainer_defaults["callbacks"] if not isinstance(cb, TQDMProgressBar)]
@@ -148,16 +169,18 @@ class DTLabCLI(LightningCLI):
             warm_start(self.model, self.config.fit.pretrained)
 
     @staticmethod
-    def resume_last(loggers: list[Any]) -> str:
-        """`--ckpt_path last`: the newest complete last.ckpt of this run name; its loggers continue its version."""
+    def resume_last(loggers: list[Any], online: bool) -> str:
+        """`--ckpt_path last`: the newest complete last.ckpt of this run name written by a run of the same kind (online
+        fine-tuning or offline); its loggers continue its version."""
         if not loggers:
             raise CheckpointError("--ckpt_path last needs a logger (the run folder to resume); give the checkpoint file instead.")
         first = loggers[0].init_args
         run_dir = Path(first.save_dir) / first.name
-        found = newest_complete_checkpoint(run_dir)
+        found = newest_complete_checkpoint(run_dir, online)
         if found is None:
+            kind = "online fine-tuning" if online else "offline"
             raise CheckpointError(
-                f"--ckpt_path last: no complete checkpoint under {run_dir}/version_*/checkpoints/last.ckpt. "
+                f"--ckpt_path last: no complete checkpoint of an {kind} run under {run_dir}/version_*/checkpoints/last.ckpt. "
                 "Start without --ckpt_path, or pass a checkpoint file."
             )
         ckpt, version_dir = found
@@ -166,6 +189,19 @@ class DTLabCLI(LightningCLI):
             if "version" in logger.init_args:
                 logger.init_args.version = version
         return str(ckpt)
+
+
+def is_online_phase(callback: Any) -> bool:
+    """Whether a callback of the config (a class_path entry) is an online phase (dtlab.online)."""
+    name = str(getattr(callback, "class_path", "")).rsplit(".", 1)[-1]
+    return name in ("OnlineFinetuning", "OnlineDecisionTransformer")
+
+
+def check_budget(max_steps: int | None, max_epochs: int | None) -> None:
+    """Refuse a budget that trains nothing (or that Lightning would reject with a traceback), before any data is loaded."""
+    for option, value in (("--trainer.max_steps", max_steps), ("--trainer.max_epochs", max_epochs)):
+        if value is not None and (value == 0 or value < -1):
+            raise UsageError(f"{option} {value}: give a positive number of {'updates' if 'steps' in option else 'epochs'} (or -1: no limit).")
 
 
 DESCRIPTION = """dtlab: offline reinforcement learning on PyTorch Lightning.

@@ -26,6 +26,14 @@ class UsageError(ValueError):
     """A command's options do not fit together or name something that does not exist: printed as one line."""
 
 
+def trust(env_entry_point: str | None) -> None:
+    """--env_entry_point: the one entry point the user allows environments to be built from (dtlab.envs)."""
+    if env_entry_point:
+        from dtlab.envs import trust_entry_point
+
+        trust_entry_point(env_entry_point)
+
+
 POLICY_SYNTAX = "random | scripted:pendulum | scripted:cartpole | checkpoint:PATH | module:function"
 
 
@@ -133,6 +141,7 @@ def evaluate(
     json: bool = False,
     video: str | None = None,
     threads: int = 1,
+    env_entry_point: str | None = None,
 ) -> dict:
     """Score a trained model in its dataset's environment; the checkpoint alone is enough (no dataset needed).
 
@@ -149,11 +158,14 @@ def evaluate(
         json: print one JSON object (returns, means, normalised scores) instead of text.
         video: also record the first episode to this file (.mp4 or .gif; needs `pip install 'dtlab[video]'`).
         threads: torch CPU threads.
+        env_entry_point: build the environment from this entry point (module:Class) when its id is not in gymnasium's
+            registry; an entry point stored in the checkpoint is never imported unless named here.
     """
     from dtlab.callbacks import evaluate_returns, return_summary
     from dtlab.hub import load_model
 
     torch.set_num_threads(threads)
+    trust(env_entry_point)
     model = load_model(checkpoint)
     spec = model.spec
     targets = getattr(model, "eval_targets", None)
@@ -274,7 +286,7 @@ def _run_dir(checkpoint: str) -> Path | None:
     return path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else None
 
 
-def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0, video: bool = False) -> None:
+def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0, video: bool = False, env_entry_point: str | None = None) -> None:
     """Write a trained model as a folder: model.safetensors (tensors only), config.json (algorithm, hyperparameters,
     spaces, observation statistics, references, env and dataset ids) and a model card (README.md), plus the run's
     plots and config. `dtlab evaluate OUT`, `dtlab.from_pretrained(OUT)` and `dtlab push` read it.
@@ -287,11 +299,13 @@ def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: 
         eval_episodes: evaluate over this many episodes first and put the result in the card (0: no evaluation).
         seed: episode i of the evaluation is reset with seed + i.
         video: add replay.mp4, one greedy episode rendered offscreen (needs `pip install 'dtlab[video]'`).
+        env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
     """
     from dtlab.hub import evaluate_for_card, load_model, save_pretrained
 
     if out is None:
         raise UsageError("save needs --out FOLDER, the model folder to write.")
+    trust(env_entry_point)
     model = load_model(checkpoint)
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
     path = save_pretrained(model, out, evaluation, _run_dir(checkpoint), video=video)
@@ -299,7 +313,14 @@ def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: 
 
 
 def push(
-    checkpoint: str, repo_id: str | None = None, private: bool = False, eval_episodes: int = 10, seed: int = 0, token: str | None = None, video: bool = False
+    checkpoint: str,
+    repo_id: str | None = None,
+    private: bool = False,
+    eval_episodes: int = 10,
+    seed: int = 0,
+    token: str | None = None,
+    video: bool = False,
+    env_entry_point: str | None = None,
 ) -> None:
     """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
     model-index. The token comes from --token, HF_TOKEN or `hf auth login`.
@@ -314,11 +335,13 @@ def push(
         seed: episode i of the evaluation is reset with seed + i.
         token: a HuggingFace token with write access (default: the logged-in one).
         video: add replay.mp4, one greedy episode rendered offscreen, to the card (needs `pip install 'dtlab[video]'`).
+        env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
     """
     from dtlab.hub import evaluate_for_card, load_model, push_to_hub
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
+    trust(env_entry_point)
     model = load_model(checkpoint)
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
     url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video)

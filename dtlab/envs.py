@@ -7,7 +7,7 @@ context and returns-to-go between calls. One rollout loop then serves every algo
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -80,18 +80,61 @@ def make_env(spec: DatasetSpec, render_mode: str | None = None) -> gym.Env:
     return _build(spec, build)
 
 
+# Entry points the user named on the command line (`--env_entry_point`): the only code outside gymnasium's
+# registry that building an environment may import.
+TRUSTED_ENTRY_POINTS: set[str] = set()
+
+
+def trust_entry_point(entry_point: str) -> None:
+    """Allow environments whose id is not in gymnasium's registry to be built from this entry point ("module:Class"),
+    as the user asked on the command line. Warns: importing it runs that module's code."""
+    if ":" not in entry_point:
+        raise DatasetError(f"--env_entry_point {entry_point!r}: expected 'module:Class' (e.g. mypkg.envs:MyEnv).")
+    warnings.warn(f"--env_entry_point {entry_point}: building environments from it imports and runs that module's code.", UserWarning, stacklevel=2)
+    TRUSTED_ENTRY_POINTS.add(entry_point)
+
+
+def safe_env_spec(spec: DatasetSpec) -> EnvSpec:
+    """The EnvSpec to build the dataset's environment from, reading what the data stores as data only.
+
+    The environment comes from gymnasium's registry by its id, with the stored kwargs and episode limit: an entry
+    point (or wrapper, or vector entry point) stored in a checkpoint, model folder, Hub repo or dataset is never
+    imported, since importing it would run whatever module it names. An id that is not registered is built from its
+    stored entry point only when the user named that entry point (`--env_entry_point`, `trust_entry_point`)."""
+    stored = spec.env_spec
+    if stored is None:
+        raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
+    env_id, entry_point = stored.get("id"), stored.get("entry_point")
+    kwargs = stored.get("kwargs") or {}
+    if not isinstance(env_id, str) or not isinstance(kwargs, dict):
+        raise DatasetError(f"Dataset '{spec.dataset_id}': its stored env_spec is malformed (id {env_id!r}, kwargs {type(kwargs).__name__}).")
+    registered = gym.registry.get(env_id)  # a dict lookup: unlike gym.spec / gym.make, it never imports an "module:Env" id
+    if registered is None:
+        if entry_point not in TRUSTED_ENTRY_POINTS:
+            raise DatasetError(
+                f"Dataset '{spec.dataset_id}': environment {env_id!r} is not in gymnasium's registry, and dtlab does not import the entry point "
+                f"stored with it ({entry_point!r}): loading a file must not run code. If you trust it, name it: --env_entry_point {entry_point} "
+                "(or install and import the package that registers the environment)."
+            )
+        registered = EnvSpec(id=env_id, entry_point=entry_point)
+    ignored = [w.get("name") or w.get("entry_point") for w in stored.get("additional_wrappers") or []]
+    if ignored:
+        warnings.warn(
+            f"Dataset '{spec.dataset_id}': the wrappers stored with its environment ({ignored}) are not applied (never imported from data).", stacklevel=3
+        )
+    steps = stored.get("max_episode_steps", registered.max_episode_steps)
+    return dataclasses.replace(registered, kwargs={**registered.kwargs, **kwargs}, max_episode_steps=steps, additional_wrappers=())
+
+
 def _build(spec: DatasetSpec, build: Callable[[EnvSpec], gym.Env | gym.vector.VectorEnv]):
     _quiet_mujoco_deprecations()
-    if spec.env_spec is None:
-        raise DatasetError(f"Dataset '{spec.dataset_id}' names no environment (no env_spec in its metadata), so it cannot be evaluated.")
-    env_spec = EnvSpec.from_json(json.dumps(spec.env_spec))
+    env_spec = safe_env_spec(spec)
     try:
         return build(env_spec)
-    except Exception as err:  # an entry point that does not import, a missing optional dependency, ...
+    except Exception as err:  # a missing optional dependency, kwargs the env does not take, ...
         raise DatasetError(
-            f"Dataset '{spec.dataset_id}': its environment '{env_spec.id}' (entry point {env_spec.entry_point!r}) cannot be "
-            f"built: {type(err).__name__}: {err}. Install the package that provides it (MuJoCo tasks: "
-            "pip install 'gymnasium[mujoco]'), or train without evaluation (--evaluation.episodes 0)."
+            f"Dataset '{spec.dataset_id}': its environment '{env_spec.id}' cannot be built: {type(err).__name__}: {err}. "
+            "Install the package that provides it (MuJoCo tasks: pip install 'gymnasium[mujoco]'), or train without evaluation (--evaluation.episodes 0)."
         ) from err
 
 

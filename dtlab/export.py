@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -154,7 +155,15 @@ def from_transformers(
 
     from dtlab.spec import DatasetSpec
 
-    hf = DecisionTransformerModel.from_pretrained(str(directory))
+    try:
+        hf = DecisionTransformerModel.from_pretrained(str(directory))
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{directory}: its weights file holds pickled Python objects, which dtlab never loads (they could run code); "
+            "convert it to model.safetensors with a tool you trust."
+        ) from None
+    except (OSError, ValueError, RuntimeError) as err:  # no weights, no or a bad config.json, tensors of other shapes
+        raise ValueError(f"{directory} is not a loadable transformers DecisionTransformerModel folder: {str(err).splitlines()[0]}") from None
     cfg = hf.config
     env_id = env_id or getattr(cfg, "env_id", None)
     state_mean = state_mean if state_mean is not None else getattr(cfg, "state_mean", None)
@@ -167,10 +176,12 @@ def from_transformers(
         raise ValueError(f"{directory}: config.json does not give {', '.join(missing)}; pass them (the public DT repos state them in their model card).")
     if cfg.n_inner not in (None, 4 * cfg.hidden_size):
         raise ValueError(f"{directory}: n_inner {cfg.n_inner} != 4 x hidden_size; dtlab's DT uses GPT-2's 4 x width MLP.")
-    env_spec = gym.spec(env_id)
+    env_spec = gym.registry.get(env_id)  # a dict lookup: gym.spec / gym.make would import a "module:Env" id from config.json
+    if env_spec is None:
+        raise ValueError(f"{directory}: environment {env_id!r} is not in gymnasium's registry; pass --env_id with a registered id.")
     low, high = getattr(cfg, "action_low", None), getattr(cfg, "action_high", None)
     if low is None or high is None:
-        space = gym.make(env_id).action_space
+        space = gym.make(env_spec.id).action_space
         low, high = space.low.tolist(), space.high.tolist()
     targets = list(eval_targets) if eval_targets else [float(getattr(cfg, "target_return", 0.0) or 0.0)]
     spec = DatasetSpec(

@@ -25,8 +25,8 @@ import numpy as np
 import safetensors.torch
 from safetensors import SafetensorError
 
-from dtlab.algos import ALGORITHMS, OfflineRLModule
-from dtlab.checkpoints import CheckpointError
+from dtlab.algos import OfflineRLModule
+from dtlab.checkpoints import CheckpointError, algorithm_class, build_model
 from dtlab.spec import DatasetSpec
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -121,14 +121,12 @@ def from_pretrained(
     try:
         config = json.loads(config_path.read_text())
         name, hyperparameters = config["dtlab_algorithm"], config["hyperparameters"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path} is not a dtlab model config ({type(err).__name__}: {err}).") from None
-    if name not in ALGORITHMS:
-        raise CheckpointError(f"{config_path} names algorithm {name!r}; dtlab knows {', '.join(ALGORITHMS)}.")
-    cls = ALGORITHMS[name]
+    cls = algorithm_class(name, str(config_path))
     if expected is not None and expected is not OfflineRLModule and not issubclass(cls, expected):
         raise CheckpointError(f"{config_path}: the folder holds a {name} model, not {expected.__name__}; load it with dtlab.from_pretrained.")
-    model = cls(**hyperparameters)
+    model = build_model(name, hyperparameters, str(config_path))
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     except SafetensorError as err:

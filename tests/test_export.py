@@ -12,7 +12,7 @@ from dtlab.algos import ALGORITHMS
 from dtlab.cli import main
 from dtlab.data.module import OfflineDataModule
 from dtlab.export import exportable
-from dtlab.hub import from_pretrained
+from dtlab.hub import from_pretrained, save_pretrained
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -21,7 +21,7 @@ def test_exported_policy_matches_the_module(name, pendulum_id, tmp_path, capsys)
 
     torch.manual_seed(0)
     model = ALGORITHMS[name](OfflineDataModule(pendulum_id).spec, **TINY[name]).eval()
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     for fmt, file in (("onnx", "policy.onnx"), ("torchscript", "policy.pt")):
         main(["export", str(tmp_path / "model"), "--out", str(tmp_path / file), "--format", fmt])
     assert f"{name} policy as torchscript" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from test_contract import CONFIGS, class_name, fit
 from dtlab.callbacks import bootstrap_ci, interquartile_mean
 from dtlab.checkpoints import load_checkpoint, read_checkpoint
 from dtlab.commands import UsageError, member
+from dtlab.hub import save_pretrained
 from dtlab.plots import find_metrics, plot_learning_curves, score_table
 
 MEMBER_CONFIGS = [c for c in CONFIGS if class_name(c) != "DecisionTransformer"]
@@ -100,11 +101,11 @@ def test_a_member_is_an_ordinary_single_seed_model(pendulum_id, tmp_path):
         saved = read_checkpoint(path)
         adam_shapes = sorted(tuple(state["exp_avg"].shape) for state in saved["optimizer_states"][0]["state"].values())  # the actor's Adam
         assert saved["global_step"] == 4 and adam_shapes == sorted(tuple(p.shape) for p in single.actor.parameters())
-    single.save_pretrained(tmp_path / "folder")  # the Hub and export paths take it unchanged
+    save_pretrained(single, tmp_path / "folder")  # the Hub and export paths take it unchanged
     resumed = fit("iql.yaml", pendulum_id, tmp_path / "resumed", "--trainer.max_steps", "6", "--data.steps_per_epoch", "2", "--ckpt_path", str(written[1]))
     assert resumed.trainer.global_step == 6 and resumed.model.member_seeds is None  # training goes on as a single-seed run
     with pytest.raises(ValueError, match="dtlab member"):
-        members.save_pretrained(tmp_path / "refused")
+        save_pretrained(members, tmp_path / "refused")
     with pytest.raises(UsageError, match="seeds \\[4, 7\\]"):
         member(str(last), str(tmp_path / "none"), seed=5)
 

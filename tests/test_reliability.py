@@ -149,7 +149,7 @@ def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
     meta_path = dataset_dir("unit/badenv-v0") / "metadata.json"
     meta = json.loads(meta_path.read_text())
     env_spec = json.loads(meta["env_spec"])
-    env_spec["entry_point"] = "dtlab_no_such_module:PendulumEnv"
+    env_spec["kwargs"] = {"no_such_option": 1}  # Pendulum-v1 from the registry, with an argument its class does not take
     meta["env_spec"] = json.dumps(env_spec)
     meta_path.write_text(json.dumps(meta))
     args = ["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", "unit/badenv-v0", "--trainer.max_steps", "5", "--runs_dir", str(tmp_path)]
@@ -157,7 +157,7 @@ def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
     assert out.returncode == 1
     last_line = out.stderr.strip().splitlines()[-1]
     assert last_line.startswith("dtlab: error:") and "Traceback" not in out.stderr
-    assert "dtlab_no_such_module:PendulumEnv" in last_line and "Pendulum-v1" in last_line and "pip install" in last_line
+    assert "no_such_option" in last_line and "Pendulum-v1" in last_line and "pip install" in last_line
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 

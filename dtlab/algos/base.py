@@ -7,7 +7,6 @@ evaluation in the environment is a callback (dtlab.callbacks.EnvEvaluation).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -134,26 +133,6 @@ class OfflineRLModule(L.LightningModule):
         if self.member_seeds is not None:
             return StatelessAgent(MemberPolicies(self.policy, self.n_members), self.device)
         return StatelessAgent(self.policy, self.device)
-
-    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """The model as a folder: model.safetensors, config.json, a model card (dtlab.hub.save_pretrained)."""
-        from dtlab.hub import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the model folder to the HuggingFace Hub as one commit; returns its URL (dtlab.hub.push_to_hub)."""
-        from dtlab.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, **kwargs: Any) -> OfflineRLModule:
-        """A model from a folder or a Hub repo id (safetensors + JSON only, strict); `IQL.from_pretrained` also
-        checks that the folder holds an IQL (dtlab.hub.from_pretrained)."""
-        from dtlab.hub import from_pretrained
-
-        return from_pretrained(source, expected=cls, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming or fine-tuning on other data: say which spaces differ, before PyTorch's "size mismatch".
