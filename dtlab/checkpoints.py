@@ -50,7 +50,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {name!r}; known: {', '.join(ALGORITHMS)}).")
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # the CLI's own notes
     model = ALGORITHMS[name](**hparams)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)  # strict below, in one line
+    except RuntimeError as err:  # a tensor of another shape than the hyperparameters give
+        raise CheckpointError(f"{path} does not fit the {name} its hyperparameters describe: {str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not hold the tensors of the {name} it describes (missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})."
+        )
     return model.to(map_location)
 
 
