@@ -100,8 +100,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     checkpoint = read_checkpoint(path, map_location)
     if checkpoint.get("dtlab_algorithm") not in ALGORITHMS:
         raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {checkpoint.get('dtlab_algorithm')!r}; known: {', '.join(ALGORITHMS)}).")
-    model = build_model(checkpoint["dtlab_algorithm"], checkpoint.get("hyper_parameters"), f"Checkpoint {path}")
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    name = checkpoint["dtlab_algorithm"]
+    model = build_model(name, checkpoint.get("hyper_parameters"), f"Checkpoint {path}")
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)  # strict below, in one line
+    except RuntimeError as err:  # a tensor of another shape than the hyperparameters give
+        raise CheckpointError(f"{path} does not fit the {name} its hyperparameters describe: {str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not hold the tensors of the {name} it describes (missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})."
+        )
     return model.to(map_location)
 
 

@@ -7,6 +7,9 @@
   each window (left-pad short windows with mask 0). The caller keeps the window and the returns-to-go, as
   `dtlab.algos.dt.DTAgent` does.
 
+ONNX is written as one file with the weights inside; only a model too large for one protobuf (2 GB) gets its weights
+in `<file>.data` beside it, and `export_policy` prints that it did.
+
     onnxruntime.InferenceSession("policy.onnx").run(None, {"observations": obs})[0]
     torch.jit.load("policy.pt")(torch.as_tensor(obs))
 """
@@ -95,12 +98,26 @@ def export_policy(model: OfflineRLModule, path: str | Path, format: Literal["onn
                 input_names=list(names),
                 output_names=[output],
                 dynamic_shapes={name: {0: batch} for name in names},
+                external_data=False,  # one file; torch still moves the weights out past its ~1.5 GiB threshold (protobuf's 2 GB cap)
                 verbose=False,
                 report=False,
             )
+            announce_external_data(path)
         else:
             raise ValueError(f"export format {format!r}: choose onnx or torchscript.")
     return path
+
+
+def announce_external_data(path: Path) -> None:
+    """Say so when the ONNX file keeps its weights in a second file (`<name>.data`, written only for models too large
+    for one protobuf): the .onnx alone does not load."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(uses_external_data(tensor) for tensor in graph.initializer):
+        data = path.with_name(path.name + ".data")
+        print(f"{data}: the weights ({data.stat().st_size / 2**30:.1f} GiB, too large for one ONNX file); {path.name} loads them from beside it: copy both.")
 
 
 def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -554,6 +555,94 @@ def test_cql_critic_loss(lagrange: bool) -> None:
     alpha_prime, threshold = (math.e, 0.7) if lagrange else (1.0, 0.0)
     assert_matches(gap, gap_ref)
     assert_matches(loss, (td + alpha_prime * 2.0 * (gap_ref - threshold)).sum())
+
+
+def critic_loss_gradients(model: CQL, batch: TransitionBatch, seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(Q, ∂L_Q/∂Q) for each Q-value tensor the online critics compute in critic_loss, in call order (the data actions,
+    then the uniform, π(·|s) and π(·|s') samples), and ∂L_Q/∂θ for the critics' parameters."""
+    outputs, forward = [], model.critic.forward
+
+    def recording(*args, **kwargs) -> torch.Tensor:
+        q = forward(*args, **kwargs)
+        q.retain_grad()
+        outputs.append(q)
+        return q
+
+    model.zero_grad(set_to_none=True)
+    with patch.object(model.critic, "forward", recording):
+        torch.manual_seed(seed)
+        model.critic_loss(batch)[0].backward()
+    q_grads = [(q.detach(), torch.zeros_like(q) if q.grad is None else q.grad) for q in outputs]
+    return q_grads, {name: p.grad.clone() for name, p in model.critic.named_parameters()}
+
+
+def conservative_gradients(model: CQL, batch: TransitionBatch, seed: int = 13) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """critic_loss_gradients of the conservative term alone, as critic_loss applies it: the gradients at cql_alpha 1
+    minus those at cql_alpha 0 (the TD term's share is the same in both, and so are the regulariser's draws)."""
+    cql_alpha = model.hparams.cql_alpha
+    model.hparams.cql_alpha = 1.0
+    q_grads, params = critic_loss_gradients(model, batch, seed)
+    model.hparams.cql_alpha = 0.0
+    q_grads_0, params_0 = critic_loss_gradients(model, batch, seed)
+    model.hparams.cql_alpha = cql_alpha
+    assert all(torch.equal(q, q0) for (q, _), (q0, _) in zip(q_grads, q_grads_0)), "both runs score the same actions"
+    return [(q, g - g0) for (q, g), (_, g0) in zip(q_grads, q_grads_0)], {name: params[name] - params_0[name] for name in params}
+
+
+@pytest.mark.parametrize("importance_sample", [True, False])
+@pytest.mark.parametrize("cls", [CQL, CalQL])
+def test_cql_regulariser_pushes_q_up_at_the_data_and_down_at_the_samples(cls, importance_sample: bool) -> None:
+    """∂(conservative term)/∂Q through critic_loss: < 0 at every data action (a descent step raises Q there; with
+    importance sampling exactly −cql_alpha/B), ≥ 0 at every sampled action, and what is pushed down at a state's
+    samples balances what is pushed up at its data action (the log-sum-exp's weights sum to one). Cal-QL: 0 exactly
+    at the policy samples its bound lifts (Q < G_MC), > 0 at the others.
+
+    Catches what the value tests cannot: the data term detached (the gap's value unchanged), a flipped sign of either
+    side, samples that carry no gradient, a bound that passes gradient to the Q it replaces."""
+    model, _ = make_cql(cls, importance_sample=importance_sample)
+    batch = toy_batch().replace(mc_returns=torch.tensor([10.0, -100.0, 1.0, -100.0, 0.0, 2.0]))
+    calls, _ = conservative_gradients(model, batch)
+    assert [q.shape for q, _ in calls] == [(2, B), (2, B, N), (2, B, N), (2, B, N)], "data, uniform, π(·|s), π(·|s')"
+    (_, up), (_, uniform), *policy = calls
+    assert (up < 0).all(), "Q rises at every data action"
+    if importance_sample:  # the data action is outside the log-sum-exp
+        assert_matches(up, torch.full_like(up, -1.0 / B))
+    assert (uniform > 0).all(), "Q falls at every uniform sample"
+    down = sum(g.sum(-1) for _, g in calls[1:])  # (2, B)
+    if cls is CQL:
+        assert all((g > 0).all() for _, g in policy), "Q falls at every policy sample"
+        assert_matches(down, -up)
+    else:
+        bound = batch.mc_returns[:, None]
+        lifted = torch.stack([q < bound for q, _ in policy])
+        assert lifted.any() and not lifted.all(), "the test needs the bound to bind at some policy samples, not all"
+        for q, g in policy:
+            assert (g[q < bound] == 0).all() and (g[q > bound] > 0).all()
+        assert (down <= -up + 1e-7).all() and (down < -up - 1e-4).any(), "the lifted samples are not pushed down"
+
+
+@pytest.mark.parametrize("cls", [CQL, CalQL])
+def test_a_step_on_the_cql_regulariser_raises_q_at_the_data_and_lowers_it_elsewhere(cls) -> None:
+    """One gradient step on the conservative term alone (as critic_loss applies it): Q rises at the data's action and
+    falls at an action away from it. One state, every data action (0.5, 0.5); critics that rank the opposite corner
+    highest, so the log-sum-exp's weight sits on samples there (Cal-QL's bound, at 0, lifts only some of them).
+    A regulariser whose data term carries no gradient lowers Q at the data action too."""
+    model, _ = make_cql(cls)
+    with torch.no_grad():
+        model.critic.weights[0].copy_(torch.tensor([0.0, 0.0, 0.0, -2.0, -2.0])[None, :, None].expand(2, -1, -1))
+        model.critic.biases[0].zero_()
+    s = torch.zeros(B, S)
+    data, away = torch.full((B, A), 0.5), torch.full((B, A), -0.8)
+    batch = toy_batch().replace(observations=s, actions=data, mc_returns=torch.zeros(B))
+    with torch.no_grad():
+        before = [model.critic(s, a) for a in (data, away)]
+    _, grads = conservative_gradients(model, batch)
+    with torch.no_grad():
+        for name, p in model.critic.named_parameters():
+            p -= 0.1 * grads[name]
+        after = [model.critic(s, a) for a in (data, away)]
+    assert (after[0] > before[0] + 1e-2).all(), (before[0], after[0])
+    assert (after[1] < before[1] - 1e-2).all(), (before[1], after[1])
 
 
 def test_cql_temperature_losses() -> None:

@@ -367,3 +367,136 @@ def test_a_non_finite_observation_stops_the_online_dt_and_names_the_last_good_ch
     monkeypatch.setattr(dtlab.envs, "make_vector_env", lambda spec, n: Broken(make_vector_env(spec, n)) if n == 2 else make_vector_env(spec, n))
     with pytest.raises(OnlineError, match=r"non-finite observation at a step \(online step \d+\).*last good checkpoint: "):
         run_cli([*online, "--runs_dir", str(tmp_path / "online"), "--trainer.callbacks.init_args.env_steps", "1000"])
+
+
+# -- the collector against an environment whose every transition is known ---------------------------
+
+
+class Counter(gym.Env):
+    """Scripted: episode k of the n-th Counter made (counted from its first reset) lasts 3 steps and terminates if k is
+    even, 4 steps and is truncated (by the env itself) if k is odd; step t's observation is [1000 n + 100 k + t]
+    (every row of every env distinct) and the reward for acting a at step t is t + 1 + a/2."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    made = 0
+
+    def __init__(self, render_mode: str | None = None) -> None:
+        self.n, self.k, self.t = Counter.made, -1, 0
+        Counter.made += 1
+
+    def observation(self) -> np.ndarray:
+        return np.array([1000 * self.n + 100 * self.k + self.t], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k, self.t = self.k + 1, 0
+        return self.observation(), {}
+
+    def step(self, action):
+        reward = self.t + 1 + 0.5 * float(action[0])
+        self.t += 1
+        end = self.t == (3 if self.k % 2 == 0 else 4)
+        return self.observation(), reward, end and self.k % 2 == 0, end and self.k % 2 == 1, {}
+
+
+gym.register("dtlab-test/Counter-v0", entry_point=f"{__name__}:Counter")
+
+
+def counter_script(n: int, rows: int) -> list[tuple[float, float, bool, bool, int]]:
+    """The first `rows` transitions of the n-th Counter: (observation, next observation, terminated, truncated, t)."""
+    out, k = [], 0
+    while len(out) < rows:
+        length = 3 if k % 2 == 0 else 4
+        for t in range(length):
+            last = t == length - 1
+            out.append((1000 * n + 100 * k + t, 1000 * n + 100 * k + t + 1, last and k % 2 == 0, last and k % 2 == 1, t))
+        k += 1
+    return out[:rows]
+
+
+class NoOffline:
+    """The offline half of balanced replay, empty: with mixing_ratio 1 every row of a batch is online."""
+
+    def sample(self, batch_size: int, generator: torch.Generator, rows: slice = slice(None)):
+        from dtlab.data.samplers import TransitionBatch
+
+        assert batch_size == 0
+        return TransitionBatch(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0), torch.zeros(0, 1), torch.zeros(0))
+
+
+@pytest.mark.parametrize("name", ["TD3BC", "IQL", "CQL", "CalQL"])
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_the_collector_stores_each_transition_as_the_env_gave_it_explores_and_shows_the_warmup(name, num_envs):
+    """OnlineFinetuning's hooks driven as the trainer calls them (setup, on_train_start, on_train_batch_start per update)
+    on Counter envs: every buffer row is the env's transition (observation, the action applied, its reward, the true next
+    observation, not the reset after an episode's end, termination and truncation apart), environments in turn;
+    the actions are the exploring policy's, not its greedy ones; and batch k draws every row collected before
+    update k − 1's collection (batches 0 and 1: the warm-up), and nothing later."""
+    from types import SimpleNamespace
+
+    from test_contract import TINY
+
+    from dtlab.algos import ALGORITHMS
+    from dtlab.online import OnlineFinetuning
+
+    spec = {
+        "dataset_id": "test/counter",
+        "observation_dim": 1,
+        "action_dim": 1,
+        "discrete": False,
+        "action_low": [-1.0],
+        "action_high": [1.0],
+        "obs_mean": [500.0],
+        "obs_std": [300.0],
+        "num_episodes": 1,
+        "num_transitions": 10,
+        "max_episode_steps": 4,
+        "return_min": 0.0,
+        "return_max": 10.0,
+        "return_mean": 5.0,
+        "env_spec": json.loads(gym.spec("dtlab-test/Counter-v0").to_json()),
+    }
+    torch.manual_seed(0)
+    model = ALGORITHMS[name](spec, **TINY[name])
+    trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=SimpleNamespace(mix_online=None), callbacks=[], loggers=[])
+    trainer.global_step, trainer.log_every_n_steps, trainer.should_stop = 0, 1, False
+    warmup, per_update, updates = 5, 2, 6
+    online = OnlineFinetuning(env_steps=per_update * updates, env_steps_per_update=per_update, warmup_steps=warmup, mixing_ratio=1.0, num_envs=num_envs)
+    Counter.made = 0
+    online.setup(trainer, model, "fit")
+    online.on_train_start(trainer, model)
+    collected_before = []  # rows in the buffer when update k's collection began
+    for step in range(updates):
+        trainer.global_step = step
+        collected_before.append(len(online.buffer))
+        online.on_train_batch_start(trainer, model, None, step)
+    trainer.global_step = updates
+    online.on_train_batch_start(trainer, model, None, updates)
+    assert trainer.should_stop and len(online.buffer) == warmup + per_update * updates, "the budget collected, then stop"
+
+    rows = len(online.buffer)
+    d = {key: value[:rows] for key, value in online.buffer.data.items()}
+    for env in range(num_envs):
+        mine = torch.arange(env, rows, num_envs)  # environments are stepped in turn
+        script = counter_script(env, len(mine))
+        actions = d["actions"][mine, 0]
+        assert d["observations"][mine, 0].tolist() == [s[0] for s in script]
+        assert d["next_observations"][mine, 0].tolist() == [s[1] for s in script], "the true next observation, also at an episode's end"
+        assert d["terminals"][mine].bool().tolist() == [s[2] for s in script]
+        assert d["timeouts"][mine].bool().tolist() == [s[3] for s in script]
+        torch.testing.assert_close(d["rewards"][mine], torch.tensor([s[4] + 1.0 for s in script]) + 0.5 * actions)
+        assert (actions.abs() <= 1).all()
+
+    with torch.no_grad():
+        greedy = model.policy(d["observations"])
+    assert ((d["actions"] - greedy).abs() > 1e-4).all(), "collection explores: no row holds the greedy action"
+
+    sampler = trainer.datamodule.mix_online(NoOffline())
+    row_of = {float(obs): row for row, obs in enumerate(d["observations"][:, 0].tolist())}
+    for update in range(updates):
+        visible = warmup if update < 2 else collected_before[update - 1]
+        batch = sampler.sample(512, torch.Generator().manual_seed(update), update=update)
+        drawn = {row_of[float(obs)] for obs in batch.observations[:, 0].tolist()}
+        assert drawn == set(range(visible)), f"batch {update} draws the {visible} rows collected before update {update - 1}'s collection"
+    online.teardown(trainer, model, "fit")
