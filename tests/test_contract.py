@@ -226,11 +226,31 @@ def test_ckpt_path_last_continues_the_newest_complete_run(pendulum_id, tmp_path)
     broken = tmp_path / "bc" / "version_1" / "checkpoints"
     broken.mkdir(parents=True)
     (broken / "last.ckpt").write_bytes(next(tmp_path.rglob("last.ckpt")).read_bytes()[:1000])
-    resumed = fit("bc.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "3", "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    with pytest.warns(UserWarning, match=r"skipping .*version_1/checkpoints/last.ckpt: Checkpoint .* is truncated or corrupt"):
+        resumed = fit("bc.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "3", "--trainer.max_epochs", "3", "--ckpt_path", "last")
     assert resumed.trainer.global_step == 9
     assert read_checkpoint(tmp_path / "bc" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 9
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1
     assert sorted(train_rows(tmp_path)) == list(range(9)), "the rows before the resume are kept, the new ones follow"
+
+
+def test_a_truncated_checkpoint_is_one_line_at_every_truncation_point(pendulum_id, tmp_path, capsys):
+    from dtlab.checkpoints import CheckpointError
+    from dtlab.cli import main
+
+    fit("bc.yaml", pendulum_id, tmp_path / "runs", "--trainer.max_steps", "2", "--evaluation.episodes", "0", "--model.init_args.hidden_dims", "[8]")
+    data = next((tmp_path / "runs").rglob("last.ckpt")).read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    for i, end in enumerate(sorted({len(data) * k // 40 for k in range(40)})):
+        cut.write_bytes(data[:end])
+        with pytest.raises(CheckpointError, match=r"cut.ckpt is truncated or corrupt"):
+            load_checkpoint(cut)
+        if i % 8 == 0:  # and through the commands that read one
+            for argv in (["evaluate", str(cut)], ["fit", "-c", str(CONF / "bc.yaml"), "--trainer.max_steps", "3", "--ckpt_path", str(cut)]):
+                with pytest.raises(SystemExit):
+                    main(argv)
+                err = capsys.readouterr().err.strip()
+                assert err.splitlines()[-1].startswith("dtlab: error: Checkpoint") and "Traceback" not in err, err
 
 
 def test_resume_last_without_a_checkpoint_says_so(pendulum_id, tmp_path):

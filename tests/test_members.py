@@ -3,7 +3,7 @@
 - member k of a run with seeds [..k..] reaches the parameters of the single-seed run k (`--seed_everything k
   --data.seed k`) after 200 updates, and scores what that run scores with `--evaluation.seed k` (TD3+BC, IQL, BC);
 - every algorithm that takes `seeds` trains members, logs each member's score and the aggregates, and resumes
-  exactly; the Decision Transformer refuses them at parse time;
+  exactly to a larger budget; the Decision Transformer refuses them at parse time;
 - `dtlab member` splits a checkpoint into ordinary single-seed checkpoints, and what takes one seed (a model
   folder, export, warm start, online fine-tuning) refuses a model of several with the way out;
 - the aggregate statistics and the plots of a members run.
@@ -16,7 +16,7 @@ import csv
 import numpy as np
 import pytest
 import torch
-from test_contract import CONFIGS, class_name, fit
+from test_contract import CONFIGS, FIXED_SCHEDULE, class_name, fit
 
 from dtlab.callbacks import bootstrap_ci, interquartile_mean
 from dtlab.checkpoints import load_checkpoint, read_checkpoint
@@ -60,9 +60,8 @@ def test_member_k_equals_the_single_seed_run_k(config, pendulum_id, tmp_path):
 
 @pytest.mark.parametrize("config", MEMBER_CONFIGS)
 def test_every_algorithm_trains_members_and_resumes_exactly(config, pendulum_id, tmp_path):
-    seeds = ("--model.init_args.seeds", "[0, 1, 2]", "--evaluation.episodes", "1", "--trainer.max_steps", "4", "--data.steps_per_epoch", "2")
-    every = ("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1")
-    straight = fit(config, pendulum_id, tmp_path / "straight", *seeds, *every, "--trainer.callbacks.filename", "at-{step}")
+    seeds = ("--model.init_args.seeds", "[0, 1, 2]", "--evaluation.episodes", "1", "--data.steps_per_epoch", "2", *FIXED_SCHEDULE.get(class_name(config), []))
+    straight = fit(config, pendulum_id, tmp_path / "straight", *seeds, "--trainer.max_steps", "4")
     assert straight.trainer.global_step == 4
     params = dict(straight.model.named_parameters())
     assert all(p.shape[0] == 3 for p in params.values()), "every parameter has the member dimension"
@@ -70,8 +69,8 @@ def test_every_algorithm_trains_members_and_resumes_exactly(config, pendulum_id,
     assert not torch.equal(first[0], first[1]), "members start from different initialisations"
     row = eval_row(tmp_path / "straight")
     assert {f"eval/return/seed_{s}" for s in (0, 1, 2)} <= row.keys()
-    mid = next((tmp_path / "straight").rglob("at-step=3.ckpt"))  # in the middle of the second epoch
-    resumed = fit(config, pendulum_id, tmp_path / "resumed", *seeds, "--ckpt_path", str(mid))
+    fit(config, pendulum_id, tmp_path / "resumed", *seeds, "--trainer.max_steps", "3")  # ends in the middle of the second epoch
+    resumed = fit(config, pendulum_id, tmp_path / "resumed", *seeds, "--trainer.max_steps", "4", "--ckpt_path", "last")  # a larger budget
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
 

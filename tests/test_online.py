@@ -285,6 +285,37 @@ TINY_DT = ["--model.init_args.context_len", "4", "--model.init_args.embed_dim", 
 TINY_DT += ["--model.init_args.stochastic", "true", "--model.init_args.eval_targets", "[50.0]"]
 
 
+def test_an_online_phase_resumed_to_a_larger_budget_equals_the_straight_run(inverted_pendulum_id, tmp_path):
+    """6 updates and env steps (the fit ends mid-epoch), then `--ckpt_path last` with 12 of each: the parameters and
+    the buffer of a straight 12-step online phase."""
+
+    def budget(n: int) -> tuple[str, ...]:
+        steps = ("--trainer.max_steps", str(n), "--trainer.callbacks.init_args.env_steps", str(n), "--data.steps_per_epoch", "4")
+        return (*steps, "--model.init_args.lr_schedule_updates", "100")  # a schedule that does not depend on the budget
+
+    straight = finetune(inverted_pendulum_id, tmp_path / "straight", *budget(12))
+    finetune(inverted_pendulum_id, tmp_path / "resumed", *budget(6))
+    resumed = finetune(inverted_pendulum_id, tmp_path / "resumed", *budget(12), "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 12
+    a, c = straight.model.state_dict(), resumed.model.state_dict()
+    assert not [k for k in a if not torch.equal(a[k], c[k])], "parameters differ after resuming the online phase to a larger budget"
+    buffers = [buffer_of(next((tmp_path / run).rglob("last.ckpt"))) for run in ("straight", "resumed")]
+    assert buffers[1]["size"] == 20 + 12 and all(torch.equal(buffers[0]["data"][k], buffers[1]["data"][k]) for k in buffers[0]["data"])
+
+
+def test_ckpt_path_last_never_crosses_between_online_and_offline_runs(inverted_pendulum_id, tmp_path):
+    """Offline and fine-tuning runs of one algorithm share runs/<algo>/: `--ckpt_path last` resumes the newest run
+    of its own kind, whichever is newer."""
+    offline = ["fit", "-c", str(CONF / "iql.yaml"), *TINY_IQL, "--data.dataset_id", inverted_pendulum_id, "--data.batch_size", "16"]
+    offline += ["--evaluation.episodes", "0", "--trainer.enable_progress_bar", "false", "--runs_dir", str(tmp_path), "--data.steps_per_epoch", "2"]
+    run_cli([*offline, "--trainer.max_steps", "2"])  # version_0: offline
+    finetune(inverted_pendulum_id, tmp_path, "--trainer.max_steps", "4", "--trainer.callbacks.init_args.env_steps", "4")  # version_1: online, newer
+    assert run_cli([*offline, "--trainer.max_steps", "4", "--ckpt_path", "last"]).trainer.logger.version == 0
+    online = finetune(inverted_pendulum_id, tmp_path, "--trainer.max_steps", "6", "--trainer.callbacks.init_args.env_steps", "6", "--ckpt_path", "last")
+    assert online.trainer.logger.version == 1 and online.trainer.global_step == 6
+    assert read_checkpoint(tmp_path / "iql" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
 def odt_replay_of(checkpoint: Path) -> dict:
     state = read_checkpoint(checkpoint)["callbacks"]
     return next(v for k, v in state.items() if "OnlineDecisionTransformer" in k)
