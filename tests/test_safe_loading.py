@@ -9,6 +9,8 @@ data, and every refusal is one line naming the file and the field.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -246,3 +248,45 @@ def test_import_transformers_reads_weights_and_env_as_data(marker, tmp_path, cap
     err = one_line_error(capsys, ["import-transformers", str(unregistered), "--out", str(tmp_path / "out"), *options])
     assert "not in gymnasium's registry" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def dtlab_in_subprocess(argv: list[str], env: dict[str, str], marker: Path) -> subprocess.CompletedProcess:
+    """`dtlab ARGV` in a fresh process against the local Hub (huggingface_hub reads HF_ENDPOINT at import); the
+    marker module importable there too."""
+    paths = os.pathsep.join([str(marker.parent), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from dtlab.cli import main; main(sys.argv[1:])", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env, "PYTHONPATH": paths, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def refused(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr.strip().splitlines()[-1]
+
+
+def test_a_crafted_hub_repo_and_hub_dataset_run_no_code(bc_checkpoint, pendulum_id, marker, tmp_path):
+    from hub_server import HubServer
+
+    from dtlab.checkpoints import load_checkpoint
+
+    folder = save_pretrained(load_checkpoint(bc_checkpoint), tmp_path / "folder")
+    config = json.loads((folder / "config.json").read_text())
+    config["hyperparameters"]["spec"]["env_spec"] = CRAFTED_ENVS["unregistered id"]
+    with HubServer() as hub:
+        hub.repos["user/crafted"] = {"config.json": json.dumps(config).encode(), "model.safetensors": (folder / "model.safetensors").read_bytes()}
+        hub.commits["user/crafted"], hub.private["user/crafted"] = "0" * 40, False
+        last = refused(dtlab_in_subprocess(["evaluate", "user/crafted", "--episodes", "1"], hub.env(), marker))
+        assert last.startswith("dtlab: error:") and "--env_entry_point dtlab_evil_module:Env" in last
+
+        # a dataset pushed by dtlab, whose stored spec is then crafted on the Hub
+        assert dtlab_in_subprocess(["push-dataset", pendulum_id, "--repo_id", "user/crafted-data"], hub.env(), marker).returncode == 0
+        files = hub.repos["datasets:user/crafted-data"]
+        files["dtlab_spec.json"] = json.dumps(json.loads(files["dtlab_spec.json"]) | {"env_spec": CRAFTED_ENVS["unregistered id"]}).encode()
+        fit = ["fit", "-c", str(REPO / "conf/bc.yaml"), "--data.dataset_id", "hf:user/crafted-data", "--trainer.max_steps", "1", "--runs_dir", str(tmp_path)]
+        last = refused(dtlab_in_subprocess(fit, hub.env(), marker))
+        assert last.startswith("dtlab: error:") and "--env_entry_point dtlab_evil_module:Env" in last
+    assert not marker.exists() and not list(tmp_path.rglob("*.ckpt"))
