@@ -358,17 +358,41 @@ class DivergenceError(RuntimeError):
 
 
 class DivergenceGuard(Callback):
-    """Stops training at the first non-finite loss, and refuses to write a checkpoint with a non-finite
-    tensor, so the last checkpoint on disk is always the last good one."""
+    """Stops training after a non-finite loss, naming the first update that gave one, and refuses to write a
+    checkpoint with a non-finite tensor or after such an update, so the last checkpoint on disk is the last good one.
+
+    The losses are checked on their device at every update (no host synchronisation: on a GPU the update never
+    waits for it); the host reads the verdict every `log_every_n_steps` updates, at epoch ends and before every
+    checkpoint, so a run stops at most `log_every_n_steps` updates after it diverged."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_bad: torch.Tensor | None = None  # (): the first update with a non-finite loss, -1 while none
+        self.bad_losses: dict[str, torch.Tensor] = {}  # the losses of that update
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         losses = outputs if isinstance(outputs, dict) else {"loss": outputs}
-        losses = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor)}
-        if losses and not torch.stack([v.detach().float().reshape(()) for v in losses.values()]).isfinite().all():
-            bad = ", ".join(f"{k} = {float(v):g}" for k, v in losses.items() if not torch.isfinite(v).all())
-            raise DivergenceError(self.message(trainer, pl_module, f"update {trainer.global_step} gave {bad}"))
+        losses = {k: v.detach().float().reshape(-1).mean() for k, v in losses.items() if isinstance(v, torch.Tensor)}
+        if not losses:
+            return
+        values = torch.stack(list(losses.values()))
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.bad_losses = dict.fromkeys(losses, torch.zeros((), device=values.device))
+        first = (self.first_bad < 0) & ~values.isfinite().all()
+        self.first_bad = torch.where(first, trainer.global_step, self.first_bad)
+        self.bad_losses = {k: torch.where(first, v, self.bad_losses.get(k, v)) for k, v in losses.items()}
+        epoch_end = batch_idx + 1 >= trainer.num_training_batches or trainer.global_step >= trainer.max_steps > 0
+        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or epoch_end:  # when the host reads the logs; before evaluations
+            self.check(trainer, pl_module)
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Raise DivergenceError if an update so far gave a non-finite loss (reads one number from the device)."""
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            bad = ", ".join(f"{k} = {float(v):g}" for k, v in self.bad_losses.items() if not torch.isfinite(v))
+            raise DivergenceError(self.message(trainer, pl_module, f"update {int(self.first_bad)} gave {bad}"))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check(trainer, pl_module)
         for name, tensor in checkpoint["state_dict"].items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise DivergenceError(self.message(trainer, pl_module, f"parameter {name} is non-finite after update {trainer.global_step}"))
