@@ -162,20 +162,24 @@ def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad, named",
     [
-        ["--data.batch_size", "-5"],
-        ["--data.steps_per_epoch", "0"],
-        ["--evaluation.episodes", "-1"],
-        ["--data.batch_size", "many"],
-        ["--model.init_args.no_such_option", "1"],
+        (["--data.batch_size", "-5"], "v>0"),
+        (["--data.steps_per_epoch", "0"], "v>0"),
+        (["--evaluation.episodes", "-1"], "v>=0"),
+        (["--data.batch_size", "many"], "many"),
+        (["--data.fraction", "0"], "v>0 and v<=1"),
+        (["--data.fraction", "1.5"], "v>0 and v<=1"),
+        (["--model.init_args.no_such_option", "1"], "no_such_option"),
     ],
 )
-def test_impossible_config_values_are_refused_at_parse_time(bad, capsys):
+def test_impossible_config_values_are_refused_at_parse_time(bad, named, capsys):
+    """Refused by the parser (before any data is loaded), naming the option and the values it takes."""
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), *bad, "--print_config"])
     assert info.value.code != 0
-    assert bad[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert bad[0].lstrip("-").split(".")[-1] in err and named in err
 
 
 # -- checkpoints --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.data.convert import MIX_SEPARATOR, episode_subset, load_columns, load_trajectories
@@ -28,6 +28,9 @@ from dtlab.spec import DatasetError, DatasetSpec
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
 # where Lightning's warning about __len__ with several workers does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+# A share in (0, 1]: the CLI refuses anything else at parse time, naming the option and the range.
+Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a share in (0, 1]")
 
 COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")
 
@@ -133,13 +136,13 @@ class OfflineDataModule(L.LightningDataModule):
         seed: int = 0,
         in_memory: bool | None = None,
         clip_actions: bool = False,
-        fraction: float = 1.0,
+        fraction: Fraction = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
             if value < 1:  # the CLI refuses these at parse time; this guards the Python API
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
-        if not 0.0 < fraction <= 1.0:
+        if not 0.0 < fraction <= 1.0:  # as for batch_size: the CLI refuses it at parse time
             raise ValueError(f"data.fraction must be in (0, 1] (the share of episodes to train on), got {fraction}.")
         self.save_hyperparameters()
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
