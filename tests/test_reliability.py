@@ -28,10 +28,10 @@ from test_trajectories import assert_fails_cleanly, cache_entries, episode, writ
 from dtlab.algos import BC
 from dtlab.callbacks import DivergenceError, DivergenceGuard
 from dtlab.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, read_checkpoint
-from dtlab.cli import run_cli
+from dtlab.cli import main, run_cli
 from dtlab.data.convert import load_trajectories
 from dtlab.data.module import OfflineDataModule
-from dtlab.data.paths import dataset_dir
+from dtlab.data.paths import dataset_dir, minari_root
 from dtlab.spec import DatasetError, SpecMismatchError
 
 REPO = Path(__file__).parents[1]
@@ -180,6 +180,27 @@ def test_impossible_config_values_are_refused_at_parse_time(bad, named, capsys):
     assert info.value.code != 0
     err = capsys.readouterr().err
     assert bad[0].lstrip("-").split(".")[-1] in err and named in err
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        (["--env", "NoSuchEnv-v0"], "--env NoSuchEnv-v0: cannot be built (NameNotFound"),
+        (
+            ["--env", "Pendulum-v1", "--policy", "dtlab_no_such_module:act"],
+            "--policy dtlab_no_such_module:act: module 'dtlab_no_such_module' cannot be imported",
+        ),
+        (["--env", "Pendulum-v1", "--policy", "dtlab.data.recording:no_such_function"], "has no function 'no_such_function'"),
+        (["--env", "Pendulum-v1", "--expert", "dtlab_no_such_module:act"], "--expert dtlab_no_such_module:act: module"),
+    ],
+)
+def test_make_dataset_names_an_unknown_env_or_policy_in_one_line(bad, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["make-dataset", "--dataset_id", "unit/refused-v0", *bad, "--episodes", "1"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dtlab: error: ") and err.count("\n") == 1 and named in err, err
+    assert not dataset_dir("unit/refused-v0").parent.exists() and not list(minari_root().glob(".partial-*"))
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
