@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from dtlab.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoi
 from dtlab.cli import main, run_cli
 from dtlab.data.convert import load_trajectories
 from dtlab.data.module import OfflineDataModule
-from dtlab.data.paths import dataset_dir, minari_root
+from dtlab.data.paths import cache_root, dataset_dir, minari_root
 from dtlab.spec import DatasetError, SpecMismatchError
 
 REPO = Path(__file__).parents[1]
@@ -117,8 +118,6 @@ def test_unwritable_cache_names_dtlab_cache_dir(tmp_path, monkeypatch):
 
 def test_full_cache_names_dtlab_cache_dir(monkeypatch):
     write_dataset("unit/full-v0", [episode(4)])
-    import shutil
-
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 10))
     with pytest.raises(DatasetError, match=r"DTLAB_CACHE_DIR\) has 0 MiB free"):
         load_trajectories("unit/full-v0")
@@ -201,6 +200,23 @@ def test_make_dataset_names_an_unknown_env_or_policy_in_one_line(bad, named, cap
     err = capsys.readouterr().err
     assert err.startswith("dtlab: error: ") and err.count("\n") == 1 and named in err, err
     assert not dataset_dir("unit/refused-v0").parent.exists() and not list(minari_root().glob(".partial-*"))
+
+
+def test_staging_folders_of_killed_writers_are_removed_by_the_next_one(capsys):
+    """A killed `make-dataset` (or conversion) leaves its hidden staging folder, named by its pid: the next
+    make-dataset (or conversion) removes it, and never one whose writer still runs."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no process
+    killed_recording, live_recording = (minari_root() / f".partial-{pid}-0badc0de" for pid in (dead.pid, os.getpid()))
+    killed_conversion = cache_root() / f"unit--other-v0-0123456789abcdef.partial-{dead.pid}-0badc0de"
+    for folder in (killed_recording, live_recording, killed_conversion):
+        (folder / "unit" / "half-v0").mkdir(parents=True)
+        (folder / "unit" / "half-v0" / "main_data.hdf5").write_bytes(b"half")
+    main(["make-dataset", "--dataset_id", "unit/after-kill-v0", "--env", "Pendulum-v1", "--episodes", "1", "--ref_min", "0", "--ref_max", "1"])
+    assert not killed_recording.exists() and live_recording.exists()
+    load_trajectories("unit/after-kill-v0")
+    assert not killed_conversion.exists()
+    shutil.rmtree(live_recording)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from filelock import FileLock
 
-from dtlab.data.paths import cache_root, dataset_dir, local_dataset_ids, minari_root
+from dtlab.data.paths import PARTIAL_MARK, cache_root, dataset_dir, local_dataset_ids, minari_root, remove_dead_temporaries
 from dtlab.data.recording import EMBEDDED_DATASETS
 from dtlab.spec import DatasetError, DatasetSpec
 
@@ -51,6 +51,7 @@ def fingerprint(dataset_id: str) -> str:
 def load_minari(dataset_id: str) -> minari.MinariDataset:
     """Open a Minari dataset by id: local first (the embedded defaults are built on first use), then a
     download where a network exists."""
+    remove_dead_temporaries(minari_root(), PARTIAL_MARK)  # staging folders of killed `dtlab make-dataset` runs
     if not dataset_dir(dataset_id).exists() and dataset_id in EMBEDDED_DATASETS:
         EMBEDDED_DATASETS[dataset_id]()
     if not dataset_dir(dataset_id).exists():
@@ -220,18 +221,6 @@ def _arrow_table(arrays: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({k: column(v) for k, v in arrays.items()})
 
 
-def _remove_stale_partials(final: Path) -> None:
-    """Remove partial conversions left by killed runs (never one a live process is writing)."""
-    for partial in final.parent.glob(f"{final.name}.partial-*"):
-        pid = int(partial.name.rsplit("-", 2)[-2])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(partial, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     was_disabled = datasets.are_progress_bars_disabled()
@@ -286,8 +275,8 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
 
 def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path) -> None:
     """Write the Arrow cache of one Minari dataset into `final`, atomically (a partial folder, then a rename)."""
-    _remove_stale_partials(final)
-    partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_dead_temporaries(final.parent, PARTIAL_MARK)  # conversions killed before their rename
+    partial = final.parent / f"{final.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         arrays = _episode_arrays(dataset_id, ds)
         spec = _spec(dataset_id, ds, arrays, fp)
