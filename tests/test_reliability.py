@@ -131,16 +131,19 @@ def test_full_cache_names_dtlab_cache_dir(monkeypatch):
     assert load_trajectories("unit/full-v0")[1].num_transitions == 4
 
 
-def test_actions_outside_the_action_space_are_refused_or_clipped():
+def test_actions_outside_the_action_space_are_refused_before_caching_or_clipped():
     bad = episode(6, seed=1)
     bad["actions"][4, 0] = 100.0  # Pendulum's box is [-2, 2]: 50 x outside
     write_dataset("unit/actions-v0", [episode(5), bad])
     with pytest.raises(DatasetError) as info:
-        OfflineDataModule("unit/actions-v0").setup()
+        OfflineDataModule("unit/actions-v0").prepare_data()  # the conversion refuses them
     message = str(info.value)
     assert "outside the action space" in message and "episode 1, step 4" in message and "--data.clip_actions true" in message
-    clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions
+    assert not [e for e in cache_entries() if e.startswith("unit--actions-v0")], "nothing cached"
+    clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions  # cached with the data's own actions
     assert float(clipped.columns["actions"].max()) == 2.0
+    with pytest.raises(DatasetError, match="episode 1, step 4"):  # a cache written by a clipping run is still refused unclipped
+        OfflineDataModule("unit/actions-v0").setup()
 
 
 def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):

@@ -212,6 +212,29 @@ def _spec(dataset_id: str, ds: minari.MinariDataset, arrays: dict[str, np.ndarra
     )
 
 
+def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: bool) -> np.ndarray:
+    """The data's actions, refused (or clipped, with `clip`) where they leave the action space."""
+    actions = columns["actions"]
+    if spec.discrete:
+        outside = (actions < 0) | (actions >= spec.action_dim)
+        bounds = f"{{0, ..., {spec.action_dim - 1}}}"
+    else:
+        low, high = np.asarray(spec.action_low, dtype=np.float32), np.asarray(spec.action_high, dtype=np.float32)
+        tol = 1e-5 * np.maximum(high - low, 1.0)
+        outside = ((actions < low - tol) | (actions > high + tol)).any(axis=1)
+        bounds = f"[{spec.action_low}, {spec.action_high}]"
+    if not outside.any():
+        return actions
+    if clip and not spec.discrete:
+        return np.clip(actions, low, high)
+    row = int(np.flatnonzero(outside)[0])
+    raise DatasetError(
+        f"Dataset '{spec.dataset_id}': {int(outside.sum())} actions lie outside the action space {bounds}; the first is "
+        f"{actions[row].tolist()} in episode {int(columns['episode_ids'][row])}, step {int(columns['timesteps'][row])}. "
+        + ("Fix the data." if spec.discrete else "Fix the data, or pass --data.clip_actions true to clip them into the box.")
+    )
+
+
 def _arrow_table(arrays: dict[str, np.ndarray]) -> pa.Table:
     def column(a: np.ndarray) -> pa.Array:
         if a.ndim == 2:
@@ -253,8 +276,9 @@ def _check_cache_dir(root: Path, dataset_id: str) -> None:
 HUB_PREFIX = "hf:"  # --data.dataset_id hf:user/name: a dataset pushed with `dtlab push-dataset`
 
 
-def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
-    """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use."""
+def load_trajectories(dataset_id: str, clip_actions: bool = False) -> tuple[datasets.Dataset, DatasetSpec]:
+    """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use. Data with actions
+    outside the action space is refused before anything is cached, unless the caller will clip them (`clip_actions`)."""
     if dataset_id.startswith(HUB_PREFIX):
         return load_from_hub(dataset_id.removeprefix(HUB_PREFIX))
     ds = load_minari(dataset_id)
@@ -268,18 +292,20 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
         locks.mkdir(exist_ok=True)
         with FileLock(str(locks / f"{final.name}.lock")):
             if not (final / SPEC_FILE).exists():
-                _convert(dataset_id, ds, fp, final)
+                _convert(dataset_id, ds, fp, final, clip_actions)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
     return datasets.load_from_disk(str(final)), spec
 
 
-def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path) -> None:
+def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path, clip_actions: bool) -> None:
     """Write the Arrow cache of one Minari dataset into `final`, atomically (a partial folder, then a rename)."""
     remove_dead_temporaries(final.parent, PARTIAL_MARK)  # conversions killed before their rename
     partial = final.parent / f"{final.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         arrays = _episode_arrays(dataset_id, ds)
         spec = _spec(dataset_id, ds, arrays, fp)
+        if not clip_actions:  # the cache keeps the data's own actions; a run that does not clip them refuses them here
+            checked_actions(arrays, spec, clip=False)
         try:
             with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
                 datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
@@ -371,7 +397,7 @@ def push_dataset(dataset_id: str, repo_id: str, private: bool = False, token: st
 MIX_SEPARATOR = "+"
 
 
-def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.ndarray], DatasetSpec]:
+def load_columns(dataset_id: str, names: Sequence[str], clip_actions: bool = False) -> tuple[dict[str, np.ndarray], DatasetSpec]:
     """Columns of one dataset (zero-copy views of its memory-mapped cache) and its spec.
 
     A mixture `a+b+...` (e.g. ``halfcheetah/medium-v0+halfcheetah/expert-v0``, D4RL's "medium-expert")
@@ -380,11 +406,11 @@ def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.nd
     """
     ids = [part.strip() for part in dataset_id.split(MIX_SEPARATOR)]
     if len(ids) == 1:
-        hf, spec = load_trajectories(dataset_id)
+        hf, spec = load_trajectories(dataset_id, clip_actions)
         return {c: column_to_numpy(hf, c) for c in names}, spec
     if len(set(ids)) != len(ids) or not all(ids):
         raise DatasetError(f"Dataset mixture '{dataset_id}': list each dataset once, joined by '{MIX_SEPARATOR}'.")
-    parts = [load_trajectories(i) for i in ids]
+    parts = [load_trajectories(i, clip_actions) for i in ids]
     specs = [spec for _, spec in parts]
     _check_mixable(dataset_id, specs)
     columns: dict[str, list[np.ndarray]] = {c: [] for c in {*names, "episode_ids", "observations", "rewards"}}
