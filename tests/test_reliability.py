@@ -10,6 +10,7 @@ checkpoint save, resume (tests/test_contract.py: exact for every algorithm).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -129,6 +130,22 @@ def test_full_cache_names_dtlab_cache_dir(monkeypatch):
         load_trajectories("unit/full-v0")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 2 * raw))
     assert load_trajectories("unit/full-v0")[1].num_transitions == 4
+
+
+def test_a_disk_that_fills_at_the_lock_file_names_dtlab_cache_dir(monkeypatch):
+    """The space check passes, then the disk fills: creating the conversion's lock file fails with ENOSPC."""
+    write_dataset("unit/full-at-lock-v0", [episode(4)])
+    real_open = os.open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    with pytest.raises(DatasetError, match=r"\(DTLAB_CACHE_DIR\) cannot be written \(No space left on device\)\. Set DTLAB_CACHE_DIR"):
+        load_trajectories("unit/full-at-lock-v0")
+    assert not [e for e in cache_entries() if e.startswith("unit--full-at-lock-v0")]
 
 
 def test_actions_outside_the_action_space_are_refused_before_caching_or_clipped():

@@ -255,9 +255,15 @@ def _no_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+CACHE_FIX = "Set DTLAB_CACHE_DIR to a writable folder with room"
+
+
+def _unwritable(root: Path, err: OSError) -> DatasetError:
+    return DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror or err}). {CACHE_FIX}.")
+
+
 def _check_cache_dir(root: Path, dataset_id: str) -> None:
     """The conversion cache can be written and has room for the converted copy, or one clear error."""
-    fix = "Set DTLAB_CACHE_DIR to a writable folder with room"
     needed = 2 * sum(p.stat().st_size for p in dataset_dir(dataset_id).rglob("*") if p.is_file())  # Arrow is ~the size of the raw data
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -265,12 +271,30 @@ def _check_cache_dir(root: Path, dataset_id: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror}). {fix}.") from None
+        raise _unwritable(root, err) from None
     free = shutil.disk_usage(root).free
     if free < needed:
         raise DatasetError(
-            f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {fix}."
+            f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {CACHE_FIX}."
         )
+
+
+@contextlib.contextmanager
+def _conversion_lock(final: Path) -> Iterator[None]:
+    """One conversion per cache, however many processes ask at once (every DDP rank, every job of a sweep): the
+    first converts, the others wait here and then read its cache. A lock file that cannot be made (a disk that
+    filled since the check) is the cache's one clear error."""
+    locks = final.parent / ".locks"  # beside the caches, never mistaken for one
+    lock = FileLock(str(locks / f"{final.name}.lock"))
+    try:
+        locks.mkdir(exist_ok=True)
+        lock.acquire()
+    except OSError as err:
+        raise _unwritable(final.parent, err) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 HUB_PREFIX = "hf:"  # --data.dataset_id hf:user/name: a dataset pushed with `dtlab push-dataset`
@@ -286,11 +310,7 @@ def load_trajectories(dataset_id: str, clip_actions: bool = False) -> tuple[data
     final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
     if not (final / SPEC_FILE).exists():
         _check_cache_dir(final.parent, dataset_id)
-        # One conversion per cache, however many processes ask at once (every DDP rank, every job of a sweep):
-        # the first converts, the others wait here and then read its cache.
-        locks = final.parent / ".locks"  # beside the caches, never mistaken for one
-        locks.mkdir(exist_ok=True)
-        with FileLock(str(locks / f"{final.name}.lock")):
+        with _conversion_lock(final):
             if not (final / SPEC_FILE).exists():
                 _convert(dataset_id, ds, fp, final, clip_actions)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
@@ -311,9 +331,7 @@ def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path, cl
                 datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
             (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
         except OSError as err:
-            raise DatasetError(
-                f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room."
-            ) from None
+            raise DatasetError(f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached. {CACHE_FIX}.") from None
         try:
             os.rename(partial, final)
         except OSError:  # another process finished the same conversion first (a cache without the lock)
