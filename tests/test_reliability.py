@@ -239,6 +239,43 @@ def test_staging_folders_of_killed_writers_are_removed_by_the_next_one(capsys):
     shutil.rmtree(live_recording)
 
 
+def test_an_environment_whose_reset_fails_online_names_the_last_good_checkpoint(pendulum_id, tmp_path, monkeypatch, capsys):
+    """Fine-tuning online, the env's reset raises at the end of its first episode (env step 200, before update 4):
+    one line naming the env's error and the checkpoint of update 2 (epochs of 2 updates)."""
+    import gymnasium as gym
+
+    import dtlab.envs
+
+    make_env = dtlab.envs.make_env
+
+    class FailsSecondReset(gym.Wrapper):
+        resets = 0
+
+        def reset(self, **kwargs):
+            FailsSecondReset.resets += 1
+            if FailsSecondReset.resets > 1:
+                raise RuntimeError("the simulator lost its connection")
+            return self.env.reset(**kwargs)
+
+    monkeypatch.setattr(dtlab.envs, "make_env", lambda spec, render_mode=None: FailsSecondReset(make_env(spec, render_mode)))
+    tiny = [f"--model.init_args.{net}_hidden_dims=[8]" for net in ("actor", "critic", "value")]
+    online = ["--trainer.callbacks.init_args.warmup_steps", "196", "--trainer.callbacks.init_args.env_steps", "12"]
+    budget = ["--trainer.max_steps", "8", "--data.steps_per_epoch", "2", "--data.batch_size", "16", "--evaluation.episodes", "0"]
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["fit", "-c", str(REPO / "conf/finetune/iql.yaml"), "--data.dataset_id", pendulum_id, *tiny, *online, *budget, *quiet, "--runs_dir", str(tmp_path)]
+        )
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "dtlab: error: Online fine-tuning stopped: environment 0 failed at a reset (online step 200): RuntimeError: the simulator lost "
+        f"its connection. No checkpoint was written after it (last good checkpoint: {last})."
+    )
+    assert read_checkpoint(last)["global_step"] == 2
+
+
 # -- checkpoints --------------------------------------------------------------------------------------
 
 
