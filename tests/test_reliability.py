@@ -34,6 +34,7 @@ from dtlab.cli import main, run_cli
 from dtlab.data.convert import load_trajectories
 from dtlab.data.module import OfflineDataModule
 from dtlab.data.paths import cache_root, dataset_dir, minari_root
+from dtlab.loggers import read_rows
 from dtlab.spec import DatasetError, SpecMismatchError
 
 REPO = Path(__file__).parents[1]
@@ -354,6 +355,30 @@ def test_a_truncated_or_foreign_checkpoint_is_named(trained, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(CheckpointError, match="not a dtlab checkpoint"):
         load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+def metric_values(metrics_csv: Path) -> list[tuple[int, str, str]]:
+    """(step, metric, value) of every value in a metrics.csv."""
+    rows = read_rows(metrics_csv)
+    return [(int(row["step"]), key, value) for row in rows for key, value in row.items() if value and key not in ("step", "epoch")]
+
+
+def test_a_resumed_run_after_a_kill_logs_each_metric_once(pendulum_id, tmp_path):
+    """A killed run leaves metrics.csv with rows past its last checkpoint (flushed after it): `--ckpt_path last`
+    drops them and logs them again, so every (step, metric) is in the file once, with the straight run's value."""
+    every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+    every += ["--trainer.callbacks.filename", "at-{step}"]
+    budget = ["--trainer.max_steps", "6", "--data.steps_per_epoch", "3", "--trainer.log_every_n_steps", "1", *every]
+    fit_bc(pendulum_id, tmp_path, *budget)
+    run = tmp_path / "bc" / "version_0"
+    straight = metric_values(run / "metrics.csv")
+    assert {step for step, _, _ in straight} == set(range(6))
+    # killed after update 6 flushed its rows, last saved after update 4 (mid-epoch): rows of steps 4 and 5 are past it
+    shutil.copy(run / "checkpoints" / "at-step=4.ckpt", run / "checkpoints" / "last.ckpt")
+    fit_bc(pendulum_id, tmp_path, *budget, "--ckpt_path", "last")
+    resumed = metric_values(run / "metrics.csv")
+    assert len({(step, key) for step, key, _ in resumed}) == len(resumed), "a (step, metric) is in metrics.csv twice"
+    assert sorted(resumed) == sorted(straight)
 
 
 class Poison(L.Callback):
