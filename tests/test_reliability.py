@@ -3,9 +3,11 @@ code from a file, and leaves nothing partial or corrupt behind.
 
 Cases: unknown id (offline: fails in seconds), truncated file, NaN/inf, empty episode, inconsistent lengths,
 missing / invalid metadata.json, kill during conversion (tests/test_trajectories.py), an unwritable or full
-cache, actions outside the action space, an environment that cannot be built, impossible config values, a
-pickled checkpoint on every loading path, a checkpoint of other spaces, NaN training, kill during a
-checkpoint save, resume (tests/test_contract.py: exact for every algorithm).
+cache (also at the lock file), actions outside the action space (refused before caching), an environment that
+cannot be built, impossible config values, make-dataset with an unknown env or policy, staging folders of
+killed writers, an env whose reset fails online, a pickled checkpoint on every loading path, a checkpoint of
+other spaces, NaN training, kill during a checkpoint save, metrics.csv after a kill and resume, resume
+(tests/test_contract.py: exact for every algorithm).
 """
 
 from __future__ import annotations
