@@ -225,7 +225,7 @@ def test_make_dataset_names_an_unknown_env_or_policy_in_one_line(bad, named, cap
     assert not dataset_dir("unit/refused-v0").parent.exists() and not list(minari_root().glob(".partial-*"))
 
 
-def test_staging_folders_of_killed_writers_are_removed_by_the_next_one(capsys):
+def test_staging_folders_of_killed_writers_are_removed_by_the_next_one():
     """A killed `make-dataset` (or conversion) leaves its hidden staging folder, named by its pid: the next
     make-dataset (or conversion) removes it, and never one whose writer still runs."""
     dead = subprocess.Popen(["true"])
@@ -235,11 +235,13 @@ def test_staging_folders_of_killed_writers_are_removed_by_the_next_one(capsys):
     for folder in (killed_recording, live_recording, killed_conversion):
         (folder / "unit" / "half-v0").mkdir(parents=True)
         (folder / "unit" / "half-v0" / "main_data.hdf5").write_bytes(b"half")
-    main(["make-dataset", "--dataset_id", "unit/after-kill-v0", "--env", "Pendulum-v1", "--episodes", "1", "--ref_min", "0", "--ref_max", "1"])
-    assert not killed_recording.exists() and live_recording.exists()
-    load_trajectories("unit/after-kill-v0")
-    assert not killed_conversion.exists()
-    shutil.rmtree(live_recording)
+    try:
+        main(["make-dataset", "--dataset_id", "unit/after-kill-v0", "--env", "Pendulum-v1", "--episodes", "1", "--ref_min", "0", "--ref_max", "1"])
+        assert not killed_recording.exists() and live_recording.exists()
+        load_trajectories("unit/after-kill-v0")
+        assert not killed_conversion.exists()
+    finally:
+        shutil.rmtree(live_recording)  # this process's: no later writer would remove it
 
 
 def test_an_environment_whose_reset_fails_online_names_the_last_good_checkpoint(pendulum_id, tmp_path, monkeypatch, capsys):
