@@ -324,8 +324,7 @@ def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path, cl
     try:
         arrays = _episode_arrays(dataset_id, ds)
         spec = _spec(dataset_id, ds, arrays, fp)
-        if not clip_actions:  # the cache keeps the data's own actions; a run that does not clip them refuses them here
-            checked_actions(arrays, spec, clip=False)
+        checked_actions(arrays, spec, clip_actions)  # refused before anything is cached; the cache keeps the data's own actions
         try:
             with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
                 datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
