@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dtlab.algos import ALGORITHMS, OfflineRLModule
+from dtlab.data.paths import remove_dead_temporaries
 
 TMP_MARK = ".tmp-"
 
@@ -138,24 +139,13 @@ def member_checkpoint(checkpoint: dict[str, Any], index: int) -> dict[str, Any]:
     return out
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary checkpoint files left by processes that no longer run."""
-    for tmp in directory.glob(f".*{TMP_MARK}*"):
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[-1]), 0)
-        except (ValueError, ProcessLookupError):
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, made atomic and verified (writes) and safe (reads)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent)
+        remove_dead_temporaries(path.parent, TMP_MARK)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
         try:
             with open(tmp, "wb") as f:

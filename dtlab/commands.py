@@ -15,11 +15,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dtlab.envs import Agent
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+
+    from dtlab.data.recording import Policy
 
 
 class UsageError(ValueError):
@@ -37,21 +43,46 @@ def trust(env_entry_point: str | None) -> None:
 POLICY_SYNTAX = "random | scripted:pendulum | scripted:cartpole | checkpoint:PATH | module:function"
 
 
-def agent_factory(policy: str, env_id: str, noise: float, seed: int) -> Callable[[int], Agent]:
-    """The agent of one `--policy` string, per episode index (see POLICY_SYNTAX)."""
+def build_env(env_id: str) -> gym.Env:
+    """`--env` as a gymnasium environment, or one line saying why it cannot be built."""
     import gymnasium as gym
 
+    try:
+        return gym.make(env_id)
+    except Exception as err:  # an unknown id, an entry point that does not import, a missing optional dependency, ...
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise UsageError(
+            f"--env {env_id}: cannot be built ({reason}). Give a registered gymnasium id such as Pendulum-v1, or install the package "
+            "that provides it (MuJoCo tasks: pip install 'gymnasium[mujoco]')."
+        ) from None
+
+
+def user_policy(policy: str, option: str = "--policy") -> Policy:
+    """The function of a `module:function` policy string, or one line saying what is missing."""
+    module_name, _, name = policy.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(f"{option} {policy}: module {module_name!r} cannot be imported ({err}); put it on PYTHONPATH, or use {POLICY_SYNTAX}.") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UsageError(f"{option} {policy}: module {module_name!r} has no function {name!r} (observation -> action); check the name after ':'.")
+    return function
+
+
+def agent_factory(policy: str, env_id: str, noise: float, seed: int, option: str = "--policy") -> Callable[[int], Agent]:
+    """The agent of one policy string (`option`'s value, see POLICY_SYNTAX), per episode index."""
     from dtlab.data.recording import SCRIPTED, PolicyAgent, random_policy
 
     rng = np.random.default_rng(seed)
     if policy == "random":
-        env = gym.make(env_id)
+        env = build_env(env_id)
         env.action_space.seed(seed)
         return lambda i: PolicyAgent(random_policy(env))
     kind, _, target = policy.partition(":")
     if kind == "scripted":
         if target not in SCRIPTED:
-            raise UsageError(f"--policy {policy}: unknown scripted policy {target!r}; choose one of {sorted(SCRIPTED)}.")
+            raise UsageError(f"{option} {policy}: unknown scripted policy {target!r}; choose one of {sorted(SCRIPTED)}.")
         return lambda i: PolicyAgent(SCRIPTED[target](noise, rng))
     if kind == "checkpoint":
         from dtlab.checkpoints import load_checkpoint
@@ -59,11 +90,11 @@ def agent_factory(policy: str, env_id: str, noise: float, seed: int) -> Callable
         model = load_checkpoint(target).eval()
         trained_on = (model.spec.env_spec or {}).get("id")
         if trained_on != env_id:
-            raise UsageError(f"--policy {policy}: the model was trained on '{model.spec.dataset_id}' (env {trained_on}), not for --env {env_id}.")
+            raise UsageError(f"{option} {policy}: the model was trained on '{model.spec.dataset_id}' (env {trained_on}), not for --env {env_id}.")
         return lambda i: model.make_agent(1)
     if not target:
-        raise UsageError(f"--policy {policy!r}: expected {POLICY_SYNTAX}.")
-    function = getattr(importlib.import_module(kind), target)
+        raise UsageError(f"{option} {policy!r}: expected {POLICY_SYNTAX}.")
+    function = user_policy(policy, option)
     return lambda i: PolicyAgent(function)
 
 
@@ -112,7 +143,8 @@ def make_dataset(
     else:
         if not (dataset_id and env):
             raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
-        expert_agents = agent_factory(expert, env, 0.0, seed + 1) if expert else None
+        build_env(env).close()  # before any policy is loaded or episode recorded
+        expert_agents = agent_factory(expert, env, 0.0, seed + 1, "--expert") if expert else None
         dataset = record_dataset(
             dataset_id,
             env,

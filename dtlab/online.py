@@ -184,8 +184,14 @@ class OnlineFinetuning(OnlinePhase):
     def reset(self, env: int) -> np.ndarray:
         seed = stream_seed(self.seed, self.rank, env, self.episode[env]) % 2**32
         self.actions[env], self.returns[env] = [], 0.0
-        observation, _ = self.envs[env].reset(seed=seed)
+        try:
+            observation, _ = self.envs[env].reset(seed=seed)
+        except Exception as err:  # any failure of the env's own code, as in a step
+            raise self.env_failed(env, "a reset", err) from err
         return self.checked(observation, env, "reset")
+
+    def env_failed(self, env: int, where: str, err: Exception) -> OnlineError:
+        return OnlineError(self.message(f"environment {env} failed at {where} (online step {self.collected}): {type(err).__name__}: {err}"))
 
     @torch.no_grad()
     def collect(self, pl_module: L.LightningModule, steps: int) -> None:
@@ -197,7 +203,7 @@ class OnlineFinetuning(OnlinePhase):
             try:
                 next_obs, reward, terminated, truncated, _ = self.envs[env].step(action)
             except Exception as err:  # any failure of the env's own code
-                raise OnlineError(self.message(f"environment {env} failed at online step {self.collected}: {type(err).__name__}: {err}")) from err
+                raise self.env_failed(env, "a step", err) from err
             next_obs = self.checked(next_obs, env, "a step")
             self.buffer.add(env, self.observations[env], action, float(reward), next_obs, bool(terminated), bool(truncated))
             self.actions[env].append(action)

@@ -3,16 +3,20 @@ code from a file, and leaves nothing partial or corrupt behind.
 
 Cases: unknown id (offline: fails in seconds), truncated file, NaN/inf, empty episode, inconsistent lengths,
 missing / invalid metadata.json, kill during conversion (tests/test_trajectories.py), an unwritable or full
-cache, actions outside the action space, an environment that cannot be built, impossible config values, a
-pickled checkpoint on every loading path, a checkpoint of other spaces, NaN training, kill during a
-checkpoint save, resume (tests/test_contract.py: exact for every algorithm).
+cache (also at the lock file), actions outside the action space (refused before caching), an environment that
+cannot be built, impossible config values, make-dataset with an unknown env or policy, staging folders of
+killed writers, an env whose reset fails online, a pickled checkpoint on every loading path, a checkpoint of
+other spaces, NaN training, kill during a checkpoint save, metrics.csv after a kill and resume, resume
+(tests/test_contract.py: exact for every algorithm).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +32,11 @@ from test_trajectories import assert_fails_cleanly, cache_entries, episode, writ
 from dtlab.algos import BC
 from dtlab.callbacks import DivergenceError, DivergenceGuard
 from dtlab.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, read_checkpoint
-from dtlab.cli import run_cli
+from dtlab.cli import main, run_cli
 from dtlab.data.convert import load_trajectories
 from dtlab.data.module import OfflineDataModule
-from dtlab.data.paths import dataset_dir
+from dtlab.data.paths import cache_root, dataset_dir, minari_root
+from dtlab.loggers import read_rows
 from dtlab.spec import DatasetError, SpecMismatchError
 
 REPO = Path(__file__).parents[1]
@@ -117,8 +122,6 @@ def test_unwritable_cache_names_dtlab_cache_dir(tmp_path, monkeypatch):
 
 def test_full_cache_names_dtlab_cache_dir(monkeypatch):
     write_dataset("unit/full-v0", [episode(4)])
-    import shutil
-
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 10))
     with pytest.raises(DatasetError, match=r"DTLAB_CACHE_DIR\) has 0 MiB free"):
         load_trajectories("unit/full-v0")
@@ -132,16 +135,35 @@ def test_full_cache_names_dtlab_cache_dir(monkeypatch):
     assert load_trajectories("unit/full-v0")[1].num_transitions == 4
 
 
-def test_actions_outside_the_action_space_are_refused_or_clipped():
+def test_a_disk_that_fills_at_the_lock_file_names_dtlab_cache_dir(monkeypatch):
+    """The space check passes, then the disk fills: creating the conversion's lock file fails with ENOSPC."""
+    write_dataset("unit/full-at-lock-v0", [episode(4)])
+    real_open = os.open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    with pytest.raises(DatasetError, match=r"\(DTLAB_CACHE_DIR\) cannot be written \(No space left on device\)\. Set DTLAB_CACHE_DIR"):
+        load_trajectories("unit/full-at-lock-v0")
+    assert not [e for e in cache_entries() if e.startswith("unit--full-at-lock-v0")]
+
+
+def test_actions_outside_the_action_space_are_refused_before_caching_or_clipped():
     bad = episode(6, seed=1)
     bad["actions"][4, 0] = 100.0  # Pendulum's box is [-2, 2]: 50 x outside
     write_dataset("unit/actions-v0", [episode(5), bad])
     with pytest.raises(DatasetError) as info:
-        OfflineDataModule("unit/actions-v0").setup()
+        OfflineDataModule("unit/actions-v0").prepare_data()  # the conversion refuses them
     message = str(info.value)
     assert "outside the action space" in message and "episode 1, step 4" in message and "--data.clip_actions true" in message
-    clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions
+    assert not [e for e in cache_entries() if e.startswith("unit--actions-v0")], "nothing cached"
+    clipped = OfflineDataModule("unit/actions-v0", clip_actions=True).transitions  # cached with the data's own actions
     assert float(clipped.columns["actions"].max()) == 2.0
+    with pytest.raises(DatasetError, match="episode 1, step 4"):  # a cache written by a clipping run is still refused unclipped
+        OfflineDataModule("unit/actions-v0").setup()
 
 
 def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
@@ -162,20 +184,101 @@ def test_an_environment_that_cannot_be_built_fails_before_training(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad, named",
     [
-        ["--data.batch_size", "-5"],
-        ["--data.steps_per_epoch", "0"],
-        ["--evaluation.episodes", "-1"],
-        ["--data.batch_size", "many"],
-        ["--model.init_args.no_such_option", "1"],
+        (["--data.batch_size", "-5"], "v>0"),
+        (["--data.steps_per_epoch", "0"], "v>0"),
+        (["--evaluation.episodes", "-1"], "v>=0"),
+        (["--data.batch_size", "many"], "many"),
+        (["--data.fraction", "0"], "v>0 and v<=1"),
+        (["--data.fraction", "1.5"], "v>0 and v<=1"),
+        (["--model.init_args.no_such_option", "1"], "no_such_option"),
     ],
 )
-def test_impossible_config_values_are_refused_at_parse_time(bad, capsys):
+def test_impossible_config_values_are_refused_at_parse_time(bad, named, capsys):
+    """Refused by the parser (before any data is loaded), naming the option and the values it takes."""
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", "-c", str(REPO / "conf/bc.yaml"), *bad, "--print_config"])
     assert info.value.code != 0
-    assert bad[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert bad[0].lstrip("-").split(".")[-1] in err and named in err
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        (["--env", "NoSuchEnv-v0"], "--env NoSuchEnv-v0: cannot be built (NameNotFound"),
+        (
+            ["--env", "Pendulum-v1", "--policy", "dtlab_no_such_module:act"],
+            "--policy dtlab_no_such_module:act: module 'dtlab_no_such_module' cannot be imported",
+        ),
+        (["--env", "Pendulum-v1", "--policy", "dtlab.data.recording:no_such_function"], "has no function 'no_such_function'"),
+        (["--env", "Pendulum-v1", "--expert", "dtlab_no_such_module:act"], "--expert dtlab_no_such_module:act: module"),
+    ],
+)
+def test_make_dataset_names_an_unknown_env_or_policy_in_one_line(bad, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["make-dataset", "--dataset_id", "unit/refused-v0", *bad, "--episodes", "1"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dtlab: error: ") and err.count("\n") == 1 and named in err, err
+    assert not dataset_dir("unit/refused-v0").parent.exists() and not list(minari_root().glob(".partial-*"))
+
+
+def test_staging_folders_of_killed_writers_are_removed_by_the_next_one():
+    """A killed `make-dataset` (or conversion) leaves its hidden staging folder, named by its pid: the next
+    make-dataset (or conversion) removes it, and never one whose writer still runs."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no process
+    killed_recording, live_recording = (minari_root() / f".partial-{pid}-0badc0de" for pid in (dead.pid, os.getpid()))
+    killed_conversion = cache_root() / f"unit--other-v0-0123456789abcdef.partial-{dead.pid}-0badc0de"
+    for folder in (killed_recording, live_recording, killed_conversion):
+        (folder / "unit" / "half-v0").mkdir(parents=True)
+        (folder / "unit" / "half-v0" / "main_data.hdf5").write_bytes(b"half")
+    try:
+        main(["make-dataset", "--dataset_id", "unit/after-kill-v0", "--env", "Pendulum-v1", "--episodes", "1", "--ref_min", "0", "--ref_max", "1"])
+        assert not killed_recording.exists() and live_recording.exists()
+        load_trajectories("unit/after-kill-v0")
+        assert not killed_conversion.exists()
+    finally:
+        shutil.rmtree(live_recording)  # this process's: no later writer would remove it
+
+
+def test_an_environment_whose_reset_fails_online_names_the_last_good_checkpoint(pendulum_id, tmp_path, monkeypatch, capsys):
+    """Fine-tuning online, the env's reset raises at the end of its first episode (env step 200, before update 4):
+    one line naming the env's error and the checkpoint of update 2 (epochs of 2 updates)."""
+    import gymnasium as gym
+
+    import dtlab.envs
+
+    make_env = dtlab.envs.make_env
+
+    class FailsSecondReset(gym.Wrapper):
+        resets = 0
+
+        def reset(self, **kwargs):
+            FailsSecondReset.resets += 1
+            if FailsSecondReset.resets > 1:
+                raise RuntimeError("the simulator lost its connection")
+            return self.env.reset(**kwargs)
+
+    monkeypatch.setattr(dtlab.envs, "make_env", lambda spec, render_mode=None: FailsSecondReset(make_env(spec, render_mode)))
+    tiny = [f"--model.init_args.{net}_hidden_dims=[8]" for net in ("actor", "critic", "value")]
+    online = ["--trainer.callbacks.init_args.warmup_steps", "196", "--trainer.callbacks.init_args.env_steps", "12"]
+    budget = ["--trainer.max_steps", "8", "--data.steps_per_epoch", "2", "--data.batch_size", "16", "--evaluation.episodes", "0"]
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["fit", "-c", str(REPO / "conf/finetune/iql.yaml"), "--data.dataset_id", pendulum_id, *tiny, *online, *budget, *quiet, "--runs_dir", str(tmp_path)]
+        )
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "dtlab: error: Online fine-tuning stopped: environment 0 failed at a reset (online step 200): RuntimeError: the simulator lost "
+        f"its connection. No checkpoint was written after it (last good checkpoint: {last})."
+    )
+    assert read_checkpoint(last)["global_step"] == 2
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -256,6 +359,30 @@ def test_a_truncated_or_foreign_checkpoint_is_named(trained, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(CheckpointError, match="not a dtlab checkpoint"):
         load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+def metric_values(metrics_csv: Path) -> list[tuple[int, str, str]]:
+    """(step, metric, value) of every value in a metrics.csv."""
+    rows = read_rows(metrics_csv)
+    return [(int(row["step"]), key, value) for row in rows for key, value in row.items() if value and key not in ("step", "epoch")]
+
+
+def test_a_resumed_run_after_a_kill_logs_each_metric_once(pendulum_id, tmp_path):
+    """A killed run leaves metrics.csv with rows past its last checkpoint (flushed after it): `--ckpt_path last`
+    drops them and logs them again, so every (step, metric) is in the file once, with the straight run's value."""
+    every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+    every += ["--trainer.callbacks.filename", "at-{step}"]
+    budget = ["--trainer.max_steps", "6", "--data.steps_per_epoch", "3", "--trainer.log_every_n_steps", "1", *every]
+    fit_bc(pendulum_id, tmp_path, *budget)
+    run = tmp_path / "bc" / "version_0"
+    straight = metric_values(run / "metrics.csv")
+    assert {step for step, _, _ in straight} == set(range(6))
+    # killed after update 6 flushed its rows, last saved after update 4 (mid-epoch): rows of steps 4 and 5 are past it
+    shutil.copy(run / "checkpoints" / "at-step=4.ckpt", run / "checkpoints" / "last.ckpt")
+    fit_bc(pendulum_id, tmp_path, *budget, "--ckpt_path", "last")
+    resumed = metric_values(run / "metrics.csv")
+    assert len({(step, key) for step, key, _ in resumed}) == len(resumed), "a (step, metric) is in metrics.csv twice"
+    assert sorted(resumed) == sorted(straight)
 
 
 class Poison(L.Callback):

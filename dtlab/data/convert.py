@@ -28,7 +28,7 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from filelock import FileLock
 
-from dtlab.data.paths import cache_root, dataset_dir, local_dataset_ids, minari_root
+from dtlab.data.paths import PARTIAL_MARK, cache_root, dataset_dir, local_dataset_ids, minari_root, remove_dead_temporaries
 from dtlab.data.recording import EMBEDDED_DATASETS
 from dtlab.spec import DatasetError, DatasetSpec
 
@@ -51,6 +51,7 @@ def fingerprint(dataset_id: str) -> str:
 def load_minari(dataset_id: str) -> minari.MinariDataset:
     """Open a Minari dataset by id: local first (the embedded defaults are built on first use), then a
     download where a network exists."""
+    remove_dead_temporaries(minari_root(), PARTIAL_MARK)  # staging folders of killed `dtlab make-dataset` runs
     if not dataset_dir(dataset_id).exists() and dataset_id in EMBEDDED_DATASETS:
         EMBEDDED_DATASETS[dataset_id]()
     if not dataset_dir(dataset_id).exists():
@@ -211,6 +212,29 @@ def _spec(dataset_id: str, ds: minari.MinariDataset, arrays: dict[str, np.ndarra
     )
 
 
+def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: bool) -> np.ndarray:
+    """The data's actions, refused (or clipped, with `clip`) where they leave the action space."""
+    actions = columns["actions"]
+    if spec.discrete:
+        outside = (actions < 0) | (actions >= spec.action_dim)
+        bounds = f"{{0, ..., {spec.action_dim - 1}}}"
+    else:
+        low, high = np.asarray(spec.action_low, dtype=np.float32), np.asarray(spec.action_high, dtype=np.float32)
+        tol = 1e-5 * np.maximum(high - low, 1.0)
+        outside = ((actions < low - tol) | (actions > high + tol)).any(axis=1)
+        bounds = f"[{spec.action_low}, {spec.action_high}]"
+    if not outside.any():
+        return actions
+    if clip and not spec.discrete:
+        return np.clip(actions, low, high)
+    row = int(np.flatnonzero(outside)[0])
+    raise DatasetError(
+        f"Dataset '{spec.dataset_id}': {int(outside.sum())} actions lie outside the action space {bounds}; the first is "
+        f"{actions[row].tolist()} in episode {int(columns['episode_ids'][row])}, step {int(columns['timesteps'][row])}. "
+        + ("Fix the data." if spec.discrete else "Fix the data, or pass --data.clip_actions true to clip them into the box.")
+    )
+
+
 def _arrow_table(arrays: dict[str, np.ndarray]) -> pa.Table:
     def column(a: np.ndarray) -> pa.Array:
         if a.ndim == 2:
@@ -218,18 +242,6 @@ def _arrow_table(arrays: dict[str, np.ndarray]) -> pa.Table:
         return pa.array(a)
 
     return pa.table({k: column(v) for k, v in arrays.items()})
-
-
-def _remove_stale_partials(final: Path) -> None:
-    """Remove partial conversions left by killed runs (never one a live process is writing)."""
-    for partial in final.parent.glob(f"{final.name}.partial-*"):
-        pid = int(partial.name.rsplit("-", 2)[-2])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(partial, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 @contextlib.contextmanager
@@ -243,9 +255,15 @@ def _no_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+CACHE_FIX = "Set DTLAB_CACHE_DIR to a writable folder with room"
+
+
+def _unwritable(root: Path, err: OSError) -> DatasetError:
+    return DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror or err}). {CACHE_FIX}.")
+
+
 def _check_cache_dir(root: Path, dataset_id: str) -> None:
     """The conversion cache can be written and has room for the converted copy, or one clear error."""
-    fix = "Set DTLAB_CACHE_DIR to a writable folder with room"
     needed = 2 * sum(p.stat().st_size for p in dataset_dir(dataset_id).rglob("*") if p.is_file())  # Arrow is ~the size of the raw data
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -253,19 +271,38 @@ def _check_cache_dir(root: Path, dataset_id: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise DatasetError(f"The dataset cache {root} (DTLAB_CACHE_DIR) cannot be written ({err.strerror}). {fix}.") from None
+        raise _unwritable(root, err) from None
     free = shutil.disk_usage(root).free
     if free < needed:
         raise DatasetError(
-            f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {fix}."
+            f"The dataset cache {root} (DTLAB_CACHE_DIR) has {free / 2**20:.0f} MiB free; converting '{dataset_id}' needs about {needed / 2**20:.0f} MiB. {CACHE_FIX}."
         )
+
+
+@contextlib.contextmanager
+def _conversion_lock(final: Path) -> Iterator[None]:
+    """One conversion per cache, however many processes ask at once (every DDP rank, every job of a sweep): the
+    first converts, the others wait here and then read its cache. A lock file that cannot be made (a disk that
+    filled since the check) is the cache's one clear error."""
+    locks = final.parent / ".locks"  # beside the caches, never mistaken for one
+    lock = FileLock(str(locks / f"{final.name}.lock"))
+    try:
+        locks.mkdir(exist_ok=True)
+        lock.acquire()
+    except OSError as err:
+        raise _unwritable(final.parent, err) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 HUB_PREFIX = "hf:"  # --data.dataset_id hf:user/name: a dataset pushed with `dtlab push-dataset`
 
 
-def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
-    """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use."""
+def load_trajectories(dataset_id: str, clip_actions: bool = False) -> tuple[datasets.Dataset, DatasetSpec]:
+    """The dataset as a memory-mapped HF Arrow dataset plus its spec, converting on first use. Data with actions
+    outside the action space is refused before anything is cached, unless the caller will clip them (`clip_actions`)."""
     if dataset_id.startswith(HUB_PREFIX):
         return load_from_hub(dataset_id.removeprefix(HUB_PREFIX))
     ds = load_minari(dataset_id)
@@ -273,32 +310,27 @@ def load_trajectories(dataset_id: str) -> tuple[datasets.Dataset, DatasetSpec]:
     final = cache_root() / f"{dataset_id.replace('/', '--')}-{fp}"
     if not (final / SPEC_FILE).exists():
         _check_cache_dir(final.parent, dataset_id)
-        # One conversion per cache, however many processes ask at once (every DDP rank, every job of a sweep):
-        # the first converts, the others wait here and then read its cache.
-        locks = final.parent / ".locks"  # beside the caches, never mistaken for one
-        locks.mkdir(exist_ok=True)
-        with FileLock(str(locks / f"{final.name}.lock")):
+        with _conversion_lock(final):
             if not (final / SPEC_FILE).exists():
-                _convert(dataset_id, ds, fp, final)
+                _convert(dataset_id, ds, fp, final, clip_actions)
     spec = DatasetSpec.from_dict(json.loads((final / SPEC_FILE).read_text()))
     return datasets.load_from_disk(str(final)), spec
 
 
-def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path) -> None:
+def _convert(dataset_id: str, ds: minari.MinariDataset, fp: str, final: Path, clip_actions: bool) -> None:
     """Write the Arrow cache of one Minari dataset into `final`, atomically (a partial folder, then a rename)."""
-    _remove_stale_partials(final)
-    partial = final.parent / f"{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_dead_temporaries(final.parent, PARTIAL_MARK)  # conversions killed before their rename
+    partial = final.parent / f"{final.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         arrays = _episode_arrays(dataset_id, ds)
         spec = _spec(dataset_id, ds, arrays, fp)
+        checked_actions(arrays, spec, clip_actions)  # refused before anything is cached; the cache keeps the data's own actions
         try:
             with _no_progress_bars():  # a second's work: HF's "Saving the dataset" bars are noise
                 datasets.Dataset(InMemoryTable(_arrow_table(arrays))).save_to_disk(str(partial), max_shard_size="64GB")
             (partial / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # written last: marks completeness
         except OSError as err:
-            raise DatasetError(
-                f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached; set DTLAB_CACHE_DIR to a writable folder with room."
-            ) from None
+            raise DatasetError(f"Converting '{dataset_id}' into {final.parent} (DTLAB_CACHE_DIR) failed: {err}. Nothing was cached. {CACHE_FIX}.") from None
         try:
             os.rename(partial, final)
         except OSError:  # another process finished the same conversion first (a cache without the lock)
@@ -382,7 +414,7 @@ def push_dataset(dataset_id: str, repo_id: str, private: bool = False, token: st
 MIX_SEPARATOR = "+"
 
 
-def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.ndarray], DatasetSpec]:
+def load_columns(dataset_id: str, names: Sequence[str], clip_actions: bool = False) -> tuple[dict[str, np.ndarray], DatasetSpec]:
     """Columns of one dataset (zero-copy views of its memory-mapped cache) and its spec.
 
     A mixture `a+b+...` (e.g. ``halfcheetah/medium-v0+halfcheetah/expert-v0``, D4RL's "medium-expert")
@@ -391,11 +423,11 @@ def load_columns(dataset_id: str, names: Sequence[str]) -> tuple[dict[str, np.nd
     """
     ids = [part.strip() for part in dataset_id.split(MIX_SEPARATOR)]
     if len(ids) == 1:
-        hf, spec = load_trajectories(dataset_id)
+        hf, spec = load_trajectories(dataset_id, clip_actions)
         return {c: column_to_numpy(hf, c) for c in names}, spec
     if len(set(ids)) != len(ids) or not all(ids):
         raise DatasetError(f"Dataset mixture '{dataset_id}': list each dataset once, joined by '{MIX_SEPARATOR}'.")
-    parts = [load_trajectories(i) for i in ids]
+    parts = [load_trajectories(i, clip_actions) for i in ids]
     specs = [spec for _, spec in parts]
     _check_mixable(dataset_id, specs)
     columns: dict[str, list[np.ndarray]] = {c: [] for c in {*names, "episode_ids", "observations", "rewards"}}

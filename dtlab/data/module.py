@@ -16,18 +16,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from torch.utils.data import DataLoader, IterableDataset
 
-from dtlab.data.convert import MIX_SEPARATOR, episode_subset, load_columns, load_trajectories
+from dtlab.data.convert import MIX_SEPARATOR, checked_actions, episode_subset, load_columns, load_trajectories
 from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions, stack_batches
-from dtlab.spec import DatasetError, DatasetSpec
 
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
 # where Lightning's warning about __len__ with several workers does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+# A share in (0, 1]: the CLI refuses anything else at parse time, naming the option and the range.
+Fraction = restricted_number_type("Fraction", float, [(">", 0), ("<=", 1)], docstring="a share in (0, 1]")
 
 COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "returns_to_go", "timesteps", "episode_ids")
 
@@ -35,29 +36,6 @@ COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals
 def stream_seed(*parts: int) -> int:
     """A 63-bit seed from (seed, rank, update, ...) that does not collide for nearby tuples."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def checked_actions(columns: dict[str, np.ndarray], spec: DatasetSpec, clip: bool) -> np.ndarray:
-    """The data's actions, refused (or clipped, with `clip`) where they leave the action space."""
-    actions = columns["actions"]
-    if spec.discrete:
-        outside = (actions < 0) | (actions >= spec.action_dim)
-        bounds = f"{{0, ..., {spec.action_dim - 1}}}"
-    else:
-        low, high = np.asarray(spec.action_low, dtype=np.float32), np.asarray(spec.action_high, dtype=np.float32)
-        tol = 1e-5 * np.maximum(high - low, 1.0)
-        outside = ((actions < low - tol) | (actions > high + tol)).any(axis=1)
-        bounds = f"[{spec.action_low}, {spec.action_high}]"
-    if not outside.any():
-        return actions
-    if clip and not spec.discrete:
-        return np.clip(actions, low, high)
-    row = int(np.flatnonzero(outside)[0])
-    raise DatasetError(
-        f"Dataset '{spec.dataset_id}': {int(outside.sum())} actions lie outside the action space {bounds}; the first is "
-        f"{actions[row].tolist()} in episode {int(columns['episode_ids'][row])}, step {int(columns['timesteps'][row])}. "
-        + ("Fix the data." if spec.discrete else "Fix the data, or pass --data.clip_actions true to clip them into the box.")
-    )
 
 
 class BatchStream(IterableDataset):
@@ -133,13 +111,13 @@ class OfflineDataModule(L.LightningDataModule):
         seed: int = 0,
         in_memory: bool | None = None,
         clip_actions: bool = False,
-        fraction: float = 1.0,
+        fraction: Fraction = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
             if value < 1:  # the CLI refuses these at parse time; this guards the Python API
                 raise ValueError(f"data.{name} must be a positive integer, got {value}.")
-        if not 0.0 < fraction <= 1.0:
+        if not 0.0 < fraction <= 1.0:  # as for batch_size: the CLI refuses it at parse time
             raise ValueError(f"data.fraction must be in (0, 1] (the share of episodes to train on), got {fraction}.")
         self.save_hyperparameters()
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
@@ -151,7 +129,7 @@ class OfflineDataModule(L.LightningDataModule):
         """Convert the dataset to the Arrow cache, once per node (Lightning calls this on local rank 0 only;
         a file lock also serialises concurrent jobs)."""
         for part in self.dataset_id.split(MIX_SEPARATOR):
-            load_trajectories(part.strip())
+            load_trajectories(part.strip(), self.clip_actions)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the dataset (validated and converted to the Arrow cache on first use), once; under a trainer,
@@ -161,7 +139,7 @@ class OfflineDataModule(L.LightningDataModule):
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({"global_batch_size": self.hparams["global_batch_size"]})
         if self._transitions is None:
-            columns, spec = episode_subset(*load_columns(self.dataset_id, COLUMNS), self.fraction, self.seed)
+            columns, spec = episode_subset(*load_columns(self.dataset_id, COLUMNS, self.clip_actions), self.fraction, self.seed)
             columns["actions"] = checked_actions(columns, spec, self.clip_actions)
             in_memory = self.in_memory if self.in_memory is not None else self.trainer is None or self.trainer.world_size == 1
             self._transitions = Transitions(columns, spec, in_memory)

@@ -20,7 +20,7 @@ import numpy as np
 from minari.data_collector import EpisodeBuffer
 from tqdm.auto import tqdm
 
-from dtlab.data.paths import dataset_dir, minari_root
+from dtlab.data.paths import PARTIAL_MARK, dataset_dir, minari_root, remove_dead_temporaries
 from dtlab.envs import Agent
 from dtlab.spec import DatasetError
 
@@ -144,7 +144,8 @@ def record_dataset(
 
     # Write under a hidden folder of the same file system, then rename: never a half-written dataset.
     root = minari_root()
-    staging = root / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_dead_temporaries(root, PARTIAL_MARK)  # staging folders of killed recordings
+    staging = root / f"{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
