@@ -118,7 +118,7 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
 def test_checked_actions_refuses_what_leaves_the_space_and_names_the_first() -> None:
     from types import SimpleNamespace
 
-    from dtlab.data.module import checked_actions
+    from dtlab.data.convert import checked_actions
     from dtlab.spec import DatasetError
 
     box = SimpleNamespace(dataset_id="unit/box", discrete=False, action_dim=2, action_low=[-1.0, 0.0], action_high=[1.0, 3.0])
