@@ -190,6 +190,15 @@ class OnlineFinetuning(OnlinePhase):
             raise self.env_failed(env, "a reset", err) from err
         return self.checked(observation, env, "reset")
 
+    def step(self, env: int, action: np.ndarray, where: str) -> tuple[np.ndarray, float, bool, bool]:
+        """One step of environment `env`; a failure of the env's own code or a non-finite observation is one line
+        naming the last good checkpoint."""
+        try:
+            next_obs, reward, terminated, truncated, _ = self.envs[env].step(action)
+        except Exception as err:  # any failure of the env's own code
+            raise self.env_failed(env, where, err) from err
+        return self.checked(next_obs, env, where), reward, terminated, truncated
+
     def env_failed(self, env: int, where: str, err: Exception) -> OnlineError:
         return OnlineError(self.message(f"environment {env} failed at {where} (online step {self.collected}): {type(err).__name__}: {err}"))
 
@@ -200,11 +209,7 @@ class OnlineFinetuning(OnlinePhase):
             env = self.collected % self.num_envs
             obs = torch.as_tensor(self.observations[env], device=pl_module.device)[None]
             action = pl_module.policy(obs, deterministic=False)[0].cpu().numpy()
-            try:
-                next_obs, reward, terminated, truncated, _ = self.envs[env].step(action)
-            except Exception as err:  # any failure of the env's own code
-                raise self.env_failed(env, "a step", err) from err
-            next_obs = self.checked(next_obs, env, "a step")
+            next_obs, reward, terminated, truncated = self.step(env, action, "a step")
             self.buffer.add(env, self.observations[env], action, float(reward), next_obs, bool(terminated), bool(truncated))
             self.actions[env].append(action)
             self.returns[env] += float(reward)
@@ -245,9 +250,9 @@ class OnlineFinetuning(OnlinePhase):
         for env, actions in enumerate(state["actions"]):
             obs = self.reset(env)
             for action in actions.numpy():
-                obs, *_ = self.envs[env].step(action.astype(self.envs[env].action_space.dtype))
+                obs, *_ = self.step(env, action.astype(self.envs[env].action_space.dtype), "the replay of its episode on resume")
                 self.actions[env].append(action)
-            self.observations.append(self.checked(obs, env, "replay"))
+            self.observations.append(obs)
         self.returns = [float(r) for r in state["returns"]]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
