@@ -265,7 +265,8 @@ def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> Non
         callbacks=[EnvEvaluation(episodes=5)],
     )
     trainer.fit(model, dm)
-    random_return = model.spec.ref_min_score  # the random policy's mean return (about 22)
+    random_return = model.spec.ref_min_score  # the random policy's mean return: 36.8 on this data's 5 reference episodes
+    # a one-seed outcome with room to spare: training seeds 0-5 (torch and data) gave 466, 500, 500, 500, 500, 500
     achieved = float(trainer.callback_metrics["eval/return"])
     print(f"CartPole DT return {achieved:.0f}, random {random_return:.0f}")
     assert achieved > 3 * random_return, (achieved, random_return)
