@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,6 @@ def parse_pins(lines: list[str]) -> dict[str, tuple[str, str]]:
     return pins
 
 
-def run(*args: str | Path) -> str:
-    return subprocess.run([str(a) for a in args], cwd=REPO, check=True, capture_output=True, text=True).stdout
-
-
 def build(venv: Path, torch_version: str) -> None:
     print(f"building {venv}: torch=={torch_version}, then the newest releases of the rest (a few minutes)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
@@ -66,7 +63,7 @@ def build(venv: Path, torch_version: str) -> None:
 def diff_table(locked: dict[str, tuple[str, str]], newest: dict[str, tuple[str, str]]) -> list[str]:
     rows = []
     for key in sorted(locked.keys() | newest.keys()):
-        old, new = locked.get(key, (None, "-"))[1], newest.get(key, (None, "-"))[1]
+        old, new = (pins[key][1] if key in pins else "-" for pins in (locked, newest))
         if old != new:
             rows.append(f"{(locked.get(key) or newest[key])[0]:<28} {old:>14} {new:>14}")
     return rows
@@ -90,7 +87,7 @@ def main() -> int:
         build(args.venv, locked["torch"][1])
     elif not python.exists():
         parser.error(f"--reuse: no venv at {args.venv}; run without --reuse to build one")
-    freeze = run(python, "-m", "pip", "freeze", "--exclude-editable").splitlines()
+    freeze = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout.splitlines()
     newest = parse_pins(freeze)
 
     rows = diff_table(locked, newest)
@@ -105,8 +102,9 @@ def main() -> int:
 
     tests = ["-n", "2"] if args.full else args.pytest_args or QUICK
     command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    print(f"\n$ {' '.join(command)}", flush=True)
-    passed = subprocess.run(command, cwd=REPO, env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": ""}).returncode == 0
+    print(f"\n$ {shlex.join(command)}", flush=True)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"MPLBACKEND": "Agg"}  # dtlab from this checkout, via the venv
+    passed = subprocess.run(command, cwd=REPO, env=env).returncode == 0
     print(f"\ndrift check: tests {'passed' if passed else 'FAILED'} on the newest releases")
     return 0 if passed else 1
 
