@@ -30,8 +30,9 @@ HEADER = """\
 # The exact releases CI tests (.ci/run) and the README's set-up installs: a pip constraints file, read as
 #   pip install torch=={torch} && pip install -c constraints.txt -e ".[dev]"
 # pyproject.toml keeps ranges (a library must not pin); this file pins the install we test.
-# Made on Linux x86_64, Python 3.11, from a fresh venv (torch first, then -e ".[dev]", no constraints); torch's
-# local label is dropped so that a CUDA {torch} satisfies it too. To regenerate, and see what changed:
+# Made on Linux x86_64, Python 3.11, from a fresh venv (torch first, then -e ".[dev]", no constraints); it needs
+# Python >= 3.11 (numpy, transformers and minari here do). torch's local label is dropped so that a CUDA {torch}
+# satisfies it too. To regenerate, and see what changed:
 #   python tools/check_drift.py --write-lock      (then run the tests and commit the file)
 """
 
