@@ -265,7 +265,8 @@ def test_discrete_dt_beats_random_on_cartpole(cartpole_id: str, tmp_path) -> Non
         callbacks=[EnvEvaluation(episodes=5)],
     )
     trainer.fit(model, dm)
-    random_return = model.spec.ref_min_score  # the random policy's mean return (about 22)
+    random_return = model.spec.ref_min_score  # the random policy's mean return: 36.8 on this data's 5 reference episodes
+    # a one-seed outcome with room to spare: training seeds 0-5 (torch and data) gave 466, 500, 500, 500, 500, 500
     achieved = float(trainer.callback_metrics["eval/return"])
     print(f"CartPole DT return {achieved:.0f}, random {random_return:.0f}")
     assert achieved > 3 * random_return, (achieved, random_return)
@@ -302,7 +303,10 @@ def test_signature_defaults_are_the_papers() -> None:
 def test_return_conditioning_on_the_embedded_mix_rises_with_the_target() -> None:
     """The main job's point on a tiny budget: on data of controllers of several strengths (50 episodes of the
     embedded default's recipe), a small DT achieves more when asked for more. Slope of achieved vs target over
-    three targets, every target on the same 10 episode seeds (training seeds 0, 1, 2 gave 0.41, 0.25, 0.16)."""
+    three targets, every target on the same 10 episode seeds, averaged over three training seeds: one seed alone
+    is a coin toss at this budget. Measured (torch 2.13, transformers 5.25), training seeds 0-8: 0.02, 0.43, 0.22,
+    0.82, 0.47, 0.16, 0.61, 0.58, 0.43; the lowest mean of any three of them is 0.13, a DT that ignores the
+    target scores about 0."""
     import lightning as L
 
     from dtlab.callbacks import evaluate_returns
@@ -311,16 +315,20 @@ def test_return_conditioning_on_the_embedded_mix_rises_with_the_target() -> None
 
     if not dataset_dir("test/mixed-v0").exists():
         make_pendulum_mixed("test/mixed-v0", num_episodes=50)
-    L.seed_everything(0, verbose=False)
-    dm = OfflineDataModule("test/mixed-v0", batch_size=32, steps_per_epoch=1000)
-    model = DecisionTransformer(dm.spec, context_len=10, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=30)
-    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25).fit(
-        model, dm
-    )
     targets = np.array([-900.0, -500.0, -150.0])
-    achieved = evaluate_returns(model, list(range(10)), targets.tolist()).mean(1)
-    slope = np.polyfit(targets, achieved, 1)[0]
-    assert slope > 0.05, f"achieved {achieved.round()} for targets {targets}: slope {slope:.2f}"
+    slopes, achieved = [], []
+    for seed in (0, 1, 2):
+        L.seed_everything(seed, verbose=False)
+        dm = OfflineDataModule("test/mixed-v0", batch_size=32, steps_per_epoch=1000, seed=seed)
+        model = DecisionTransformer(dm.spec, context_len=10, embed_dim=32, n_layer=1, n_head=1, dropout=0.0, lr=3e-3, warmup_steps=30)
+        trainer = L.Trainer(
+            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.25
+        )
+        trainer.fit(model, dm)
+        achieved.append(evaluate_returns(model, list(range(10)), targets.tolist()).mean(1))
+        slopes.append(np.polyfit(targets, achieved[-1], 1)[0])
+    print("slopes", np.round(slopes, 3))
+    assert np.mean(slopes) > 0.1, f"achieved {np.round(achieved)} for targets {targets}: slopes {np.round(slopes, 2)}"
 
 
 def test_default_targets_the_expert_then_the_data_range() -> None:
