@@ -30,7 +30,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -303,7 +303,7 @@ def main(args: argparse.Namespace) -> dict:
         "eval_policy_share": policy_share,
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version()},
         "host": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0]},
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

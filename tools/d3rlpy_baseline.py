@@ -46,7 +46,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ALGOS = ("bc", "td3bc", "iql", "cql", "calql", "dt")
@@ -432,7 +432,7 @@ def main(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_1m_at_end": os.getloadavg()[0]},
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     head = f"d3rlpy {args.algo} {record['dataset_id']} seed={args.seed} threads={args.threads}"
     if args.mode == "speed":
