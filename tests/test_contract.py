@@ -253,6 +253,18 @@ def test_a_truncated_checkpoint_is_one_line_at_every_truncation_point(pendulum_i
                 assert err.splitlines()[-1].startswith("dtlab: error: Checkpoint") and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("budget", [["--trainer.max_steps", "0"], ["--trainer.max_steps", "-5"], ["--trainer.max_epochs", "-3"]])
+def test_a_budget_that_trains_nothing_is_one_line_before_any_data_is_loaded(budget, tmp_path, capsys):
+    from dtlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONF / "bc.yaml"), "--data.dataset_id", "test/never-loaded-v0", "--runs_dir", str(tmp_path), *budget])
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"dtlab: error: {budget[0]} {budget[1]}: give a positive number of {'updates' if 'steps' in budget[0] else 'epochs'} (or -1: no limit)."
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
 def test_resume_last_without_a_checkpoint_says_so(pendulum_id, tmp_path):
     from dtlab.checkpoints import CheckpointError
 

@@ -174,6 +174,7 @@ LOADING = {
     "push": ["push", "{}", "--repo_id", "user/crafted", "--eval_episodes", "0"],
     "export": ["export", "{}", "--out", "{out}.pt", "--format", "torchscript"],
     "make-dataset": ["make-dataset", "--dataset_id", "test/crafted-v0", "--env", "Pendulum-v1", "--policy", "checkpoint:{}", "--episodes", "1"],
+    "member": ["member", "{}", "--out", "{out}"],  # reads the checkpoint's seeds only: refuses a single-seed one
 }
 
 
@@ -181,7 +182,9 @@ LOADING = {
 def test_every_command_that_loads_a_checkpoint_refuses_foreign_hyperparameters_in_one_line(command, bc_checkpoint, marker, tmp_path, capsys):
     crafted = craft(bc_checkpoint, tmp_path / "crafted.ckpt", no_such_option={"class_path": "dtlab_evil_module.Env"})
     err = one_line_error(capsys, [part.format(crafted, out=tmp_path / "out") for part in command])
-    if command[0] != "push":
+    if command[0] == "member":
+        assert "holds one seed" in err
+    elif command[0] != "push":
         assert "crafted.ckpt" in err and "'no_such_option' is not a parameter of BC" in err
     assert not marker.exists() and not list(tmp_path.glob("out*"))
 
