@@ -272,9 +272,11 @@ def regret_at_k(estimates: np.ndarray, truths: np.ndarray, k: int = 1) -> float:
 
 
 def pool_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Rank correlation, regret@1 and mean absolute error of the estimates over the policies with true returns:
-    on normalised scores where the data has references (else returns), and the absolute error of the discounted
-    value against the true discounted return."""
+    """DOPE's scores of the estimates over the policies with true returns, on normalised scores where the data has
+    references (else returns): Spearman's rank correlation with the true scores (and with the true γ-discounted
+    returns, the quantity FQE estimates), regret@1 (the true score lost by picking the top estimate) and the mean
+    absolute error of the estimated score (through the return conversion of `FQE.estimate`); and the mean absolute
+    error of the γ-discounted value against the true γ-discounted return, which needs no conversion."""
     rows = [r for r in rows if "true" in r]
     if len(rows) < 2:
         return {}
@@ -285,6 +287,7 @@ def pool_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
         "policies": len(rows),
         "scale": key,
         "spearman": spearman(estimated, true),
+        "spearman_discounted": spearman(estimated, np.array([r["true"]["discounted_return_mean"] for r in rows])),
         "regret_at_1": regret_at_k(estimated, true, 1),
         "mean_absolute_error": float(np.abs(estimated - true).mean()),
         "value_mean_absolute_error": float(np.mean([abs(r["fqe"]["value"] - r["true"]["discounted_return_mean"]) for r in rows])),
@@ -411,6 +414,8 @@ def ope(
     except (TypeError, ValueError) as err:
         raise UsageError(f"--fqe: {err}") from None
     starts = initial_observations(datamodule.transitions.columns)
+    if len(starts) == 0:
+        raise UsageError(f"Dataset '{spec.dataset_id}' holds no episode start (timestep 0): FQE estimates the value of the initial states.")
     progress = sys.stderr.isatty()
 
     rows = []
@@ -487,7 +492,8 @@ def table(result: dict[str, Any]) -> str:
     text += "\n".join(lines)
     if pool:
         text += (
-            f"\nover {pool['policies']} policies ({pool['scale'].replace('_', ' ')}): Spearman {pool['spearman']:.2f}, "
+            f"\nover {pool['policies']} policies ({pool['scale'].replace('_', ' ')}): Spearman {pool['spearman']:.2f} "
+            f"(with the true γ-discounted returns: {pool['spearman_discounted']:.2f}), "
             f"regret@1 {pool['regret_at_1']:.1f}, mean absolute error {pool['mean_absolute_error']:.1f} "
             f"(γ-discounted value: {pool['value_mean_absolute_error']:.1f})"
         )
