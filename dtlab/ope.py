@@ -16,6 +16,8 @@ of the next state, so the estimate needs no environment, only transitions.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -28,12 +30,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
 from dtlab.algos.actor_critic import reward_factor
 from dtlab.callbacks import bootstrap_ci
-from dtlab.data.samplers import BatchFormat, TransitionBatch
+from dtlab.data.module import stream_seed
+from dtlab.data.samplers import BatchFormat, TransitionBatch, Transitions
 from dtlab.networks import CriticEnsemble, frozen_copy, soft_update
 from dtlab.policy import Normalizer, Policy
 from dtlab.spec import DatasetSpec
@@ -154,6 +158,21 @@ class FQE(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.critic.parameters(), lr=self.hparams.lr)
 
+    def fit_transitions(self, transitions: Transitions, updates: int, batch_size: int, seed: int = 0) -> FQE:
+        """The same updates without a Trainer (inside another run's fit: FQEEvaluation): batch k is drawn from a
+        generator seeded by (seed, k), as the DataModule draws it; the global RNG is not used."""
+        optimizer = self.configure_optimizers()
+        self.train()
+        for update in range(updates):
+            batch = transitions.sample_transitions(batch_size, torch.Generator().manual_seed(stream_seed(seed, update)))
+            batch = batch.replace(**{f.name: getattr(batch, f.name).to(self.device) for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None})
+            loss = self.fqe_loss(*self.prepare(batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.update_target(update + 1)
+        return self.eval()
+
     # -- the estimate ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -240,6 +259,59 @@ def rollout_returns(model: L.LightningModule, seeds: Sequence[int], discount: fl
     finally:
         env.close()
     return returns, discounted
+
+
+class FQEEvaluation(Callback):
+    """Off-policy evaluation during `dtlab fit`, for data with no environment to roll a policy out in (or beside
+    EnvEvaluation): at the end of every `every_n_epochs`-th epoch and of the last, FQE is fitted from scratch for a
+    copy of the current policy on the run's own transitions, and `ope/value` (the γ-discounted value of the data's
+    initial states), its 95% bootstrap interval `ope/value_low`, `ope/value_high` and, where the data has references,
+    `ope/normalized_score` (through FQE.estimate's return conversion) are logged. `--checkpoint.monitor ope/value`
+    keeps the best checkpoint by it. The run's RNG streams are untouched (FQE draws from its own generators).
+
+        dtlab fit -c conf/iql.yaml --data.dataset_id hf:you/clinic-v0 --evaluation.episodes 0 \\
+            --trainer.callbacks+=dtlab.ope.FQEEvaluation --trainer.callbacks.updates 20000
+
+    Args:
+        updates: FQE updates per evaluation (each evaluation costs about this many critic updates).
+        batch_size: transitions per FQE update.
+        every_n_epochs: evaluate every n training epochs (and after the last).
+        fqe: FQE's arguments besides the spec and the policy (dtlab.ope.FQE), e.g. {target_update_interval: 10, lr: 1e-3}.
+        seed: seeds FQE's critic, its batches and the bootstrap (the same at every evaluation).
+    """
+
+    def __init__(self, updates: int = 20000, batch_size: int = 100, every_n_epochs: int = 1, fqe: dict[str, Any] | None = None, seed: int = 0) -> None:
+        if updates < 1 or batch_size < 1 or every_n_epochs < 1:
+            raise ValueError(f"FQEEvaluation: updates, batch_size and every_n_epochs must be >= 1, got {updates}, {batch_size}, {every_n_epochs}.")
+        self.updates, self.batch_size, self.every_n_epochs, self.fqe, self.seed = updates, batch_size, every_n_epochs, dict(fqe or {}), seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from dtlab.commands import UsageError
+
+        if not isinstance(getattr(pl_module, "policy", None), Policy):
+            raise UsageError(f"FQEEvaluation: a {type(pl_module).__name__} is not a stateless policy; FQE evaluates BC, TD3+BC, IQL, CQL and Cal-QL.")
+        pl_module.require_single_seed("FQEEvaluation")
+        try:  # bad FQE arguments fail before training
+            FQE(pl_module.spec.to_dict(), copy.deepcopy(pl_module.policy), **self.fqe)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"FQEEvaluation fqe: {err}") from None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = trainer.current_epoch + 1 >= trainer.max_epochs or 0 < trainer.max_steps <= trainer.global_step
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last:
+            for name, value in self.evaluate(trainer.datamodule.transitions, pl_module).items():
+                pl_module.log(name, value, prog_bar=name == "ope/value")
+
+    def evaluate(self, transitions: Transitions, pl_module: L.LightningModule) -> dict[str, float]:
+        """Fit FQE for a frozen copy of the module's policy; the estimate's metrics."""
+        with torch.random.fork_rng(devices=[]):  # the critic's initialisation leaves the run's global RNG as it was
+            torch.manual_seed(self.seed)
+            fqe = FQE(pl_module.spec.to_dict(), copy.deepcopy(pl_module.policy), **self.fqe).to(pl_module.device)
+        with torch.enable_grad():
+            fqe.fit_transitions(transitions, self.updates, self.batch_size, self.seed)
+        estimate = fqe.estimate(initial_observations(transitions.columns), seed=self.seed)
+        metrics = {"ope/value": estimate["value"], "ope/value_low": estimate["value_ci"][0], "ope/value_high": estimate["value_ci"][1]}
+        return metrics | ({"ope/normalized_score": estimate["normalized_score"]} if "normalized_score" in estimate else {})
 
 
 # -- scores of an estimator over a pool of policies (DOPE) ---------------------------------------

@@ -3,6 +3,7 @@ termination does not, the policy (not the data) names the next action, and `dtla
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -14,11 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dtlab.algos import BC, TD3BC, DecisionTransformer
-from dtlab.cli import main
+from dtlab.checkpoints import load_checkpoint
+from dtlab.cli import main, run_cli
 from dtlab.data.module import BatchStream, OfflineDataModule
 from dtlab.data.samplers import BatchFormat, OfflineSampler, TransitionBatch, Transitions
 from dtlab.hub import save_pretrained
-from dtlab.ope import FQE, fit_fqe, initial_observations, regret_at_k, spearman
+from dtlab.ope import FQE, FQEEvaluation, fit_fqe, initial_observations, regret_at_k, spearman
 from dtlab.spec import DatasetSpec
 
 STEPS, EPISODES, DISCOUNT, ACTION = 5, 40, 0.8, 2.0
@@ -149,3 +151,19 @@ def test_ope_refuses_in_one_line_and_writes_nothing(case, pendulum_id, pendulum_
     assert err.startswith("dtlab: error: ") and len(err.splitlines()) == 1
     assert re.search(expected, err), err
     assert not out.exists()
+
+
+def test_fqe_evaluation_during_fit_scores_the_current_policy(pendulum_id, tmp_path):
+    args = ["fit", "-c", "conf/bc.yaml", "--data.dataset_id", pendulum_id, "--data.steps_per_epoch", "20", "--trainer.max_steps", "40"]
+    args += ["--evaluation.episodes", "0", "--trainer.enable_progress_bar", "false", "--runs_dir", str(tmp_path)]
+    args += ["--trainer.callbacks+=dtlab.ope.FQEEvaluation", "--trainer.callbacks.updates", "25", "--trainer.callbacks.fqe", "{target_update_interval: 5}"]
+    run_cli(args)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("ope/value")]
+    assert [int(r["step"]) for r in rows] == [19, 39]
+    first, last = (float(r["ope/value"]) for r in rows)
+    assert first != last and all(float(r["ope/value_low"]) <= float(r["ope/value"]) <= float(r["ope/value_high"]) for r in rows)
+    # the logged estimate is FQE's for the policy of that update: refitted from the checkpoint, the same number
+    model = load_checkpoint(str(next(tmp_path.rglob("last.ckpt"))))
+    callback = FQEEvaluation(updates=25, fqe={"target_update_interval": 5})
+    assert callback.evaluate(OfflineDataModule(pendulum_id).transitions, model)["ope/value"] == pytest.approx(last, rel=1e-5)
