@@ -489,6 +489,10 @@ def ope(
     if len(starts) == 0:
         raise UsageError(f"Dataset '{spec.dataset_id}' holds no episode start (timestep 0): FQE estimates the value of the initial states.")
     progress = sys.stderr.isatty()
+    # No policy's discounted value can leave [min(0, r_min), max(0, r_max)] / (1 − γ) on these rewards: an estimate
+    # outside diverged (FQE's known failure for a policy that leaves the data's support; see the README).
+    rewards = datamodule.transitions.columns["rewards"]
+    reachable = [min(0.0, float(rewards.min())) / (1.0 - hyperparameters["discount"]), max(0.0, float(rewards.max())) / (1.0 - hyperparameters["discount"])]
 
     rows = []
     for i, (source, model) in enumerate(zip(policies, models)):
@@ -497,6 +501,7 @@ def ope(
         torch.manual_seed(seed)
         estimator = fit_fqe(FQE(spec.to_dict(), model.policy, **fqe_args), datamodule, updates, progress, accelerator)
         row = {"policy": str(source), "name": short_name(source), "algorithm": type(model).__name__, "fqe": estimator.estimate(starts, seed=seed)}
+        row["fqe"]["reachable"] = reachable[0] <= row["fqe"]["value"] <= reachable[1]
         if true_episodes > 0:
             returns, discounted = rollout_returns(model, range(seed, seed + true_episodes), estimator.hparams.discount)
             from dtlab.callbacks import return_summary
@@ -511,6 +516,7 @@ def ope(
         "batch_size": batch_size,
         "seed": seed,
         "fqe": hyperparameters,
+        "reachable_values": reachable,
         "policies": rows,
         "pool": pool_metrics(rows),
     }
@@ -553,7 +559,9 @@ def table(result: dict[str, Any]) -> str:
 
     for r in rows:
         e = r["fqe"]
-        cells = [r["name"], r["algorithm"], interval(e, "value"), interval(e, "return")] + ([interval(e, "normalized_score")] if scored else [])
+        cells = [r["name"], r["algorithm"], interval(e, "value") + ("" if e["reachable"] else " (!)"), interval(e, "return")] + (
+            [interval(e, "normalized_score")] if scored else []
+        )
         if has_true:  # every policy is rolled out, or none
             t = r["true"]
             cells += [f"{t['discounted_return_mean']:.1f}", f"{t['return_mean']:.1f} ± {t['return_std']:.1f}"]
@@ -562,6 +570,9 @@ def table(result: dict[str, Any]) -> str:
     pool = result["pool"]
     text = f"FQE on {result['dataset_id']}, {result['updates']} updates per policy (γ = {result['fqe']['discount']:g}); [95% bootstrap interval over initial states]\n"
     text += "\n".join(lines)
+    if not all(r["fqe"]["reachable"] for r in rows):
+        low, high = result["reachable_values"]
+        text += f"\n(!) outside [{low:.1f}, {high:.1f}], the values any policy can have on these rewards: FQE diverged for this policy (far from the data)"
     if pool:
         text += (
             f"\nover {pool['policies']} policies ({pool['scale'].replace('_', ' ')}): Spearman {pool['spearman']:.2f} "

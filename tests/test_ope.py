@@ -127,6 +127,8 @@ def test_ope_end_to_end_on_pendulum(pendulum_id, pendulum_spec, tmp_path, capsys
         assert estimate["value_ci"][0] <= estimate["value"] <= estimate["value_ci"][1]
         assert row["true"]["episodes"] == 2 and np.isfinite(row["true"]["normalized_score_mean"])
     assert result["fqe"]["discount"] == 0.99 and result["pool"]["policies"] == 2
+    low, high = result["reachable_values"]  # Pendulum's rewards lie in [−16.3, 0]: values in [−1627, 0] at γ 0.99
+    assert high == 0.0 and -1630 < low < -1500 and all(row["fqe"]["reachable"] for row in result["policies"])
     assert (out / "ope.png").stat().st_size > 0
 
 
