@@ -48,8 +48,9 @@ class FQE(L.LightningModule):
 
     Defaults are d3rlpy's `FQEConfig` (its default encoder: 256x2 ReLU; Adam 1e-4; batch 100 is the command's
     `--batch_size`; γ 0.99; one critic; the target copied every 100 updates). `tau < 1` with
-    `target_update_interval 1` gives a Polyak-averaged target instead. The loss is the paper's squared error
-    (d3rlpy's Huber loss clips its gradient at |δ| > 1, which slows the fit of returns in the hundreds).
+    `target_update_interval 1` gives a Polyak-averaged target instead. The loss is the squared error (the paper's,
+    and d3rlpy's for continuous actions; its discrete FQE uses a Huber loss over one output per action, where dtlab's
+    critic takes the action one-hot as an input, the same function for every action space).
     With `n_critics > 1` each critic is an independent fit bootstrapping from its own target (d3rlpy takes the
     min of the targets instead, a pessimistic estimate); the estimate is their mean.
 
@@ -464,6 +465,8 @@ def ope(
         raise UsageError("ope needs --dataset_id ID, the data to evaluate the policies on.")
     if updates < 1 or batch_size < 1 or true_episodes < 0:
         raise UsageError(f"--updates and --batch_size must be >= 1 and --true_episodes >= 0, got {updates}, {batch_size} and {true_episodes}.")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out}: a file is there; give a folder for ope.json and ope.png.")
     fqe_args = dict(fqe or {})
     allowed = [p for p in inspect.signature(FQE).parameters if p not in ("spec", "policy")]
     unknown = sorted(set(fqe_args) - set(allowed))
