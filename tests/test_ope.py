@@ -53,11 +53,14 @@ def cycle(terminated: bool) -> Transitions:
     return Transitions(columns, spec)
 
 
-def fitted_value(data: Transitions, updates: int = 600, **kwargs) -> float:
+def fitted_value(data: Transitions, trainer: bool, updates: int = 600, **kwargs) -> float:
+    """FQE's estimate after `updates` updates in a Lightning Trainer (as `dtlab ope`) or in the plain loop (as FQEEvaluation)."""
     torch.manual_seed(0)
     fqe = FQE(data.spec.to_dict(), ConstantPolicy(), hidden_dims=(64, 64), lr=3e-3, discount=DISCOUNT, target_update_interval=20, **kwargs)
-    batches = DataLoader(BatchStream(OfflineSampler(data, BatchFormat()), 256, updates, 0, lambda: 0), batch_size=None)
-    fit_fqe(fqe, batches, updates, accelerator="cpu")
+    if trainer:
+        fit_fqe(fqe, DataLoader(BatchStream(OfflineSampler(data, BatchFormat()), 256, updates, 0, lambda: 0), batch_size=None), updates, accelerator="cpu")
+    else:
+        fqe.fit_transitions(data, updates, 256)
     return fqe.estimate(initial_observations(data.columns))["value"]
 
 
@@ -65,8 +68,8 @@ def test_fqe_recovers_the_closed_form_value_and_truncation_bootstraps():
     # Under the policy every step earns 2: terminated after 5 steps V(s0) = 2 (1 − γ⁵) / (1 − γ); truncated (the
     # cycle goes on) V(s0) = 2 / (1 − γ). Rewards scaled by 0.1 × 5 / (15 − 5) during the fit come back in data units.
     terminated, truncated = 2 * (1 - DISCOUNT**STEPS) / (1 - DISCOUNT), 2 / (1 - DISCOUNT)
-    v_terminated = fitted_value(cycle(terminated=True), reward_scale=0.1, normalize_reward=True)
-    v_truncated = fitted_value(cycle(terminated=False))
+    v_terminated = fitted_value(cycle(terminated=True), trainer=True, reward_scale=0.1, normalize_reward=True)
+    v_truncated = fitted_value(cycle(terminated=False), trainer=False)
     assert v_terminated == pytest.approx(terminated, rel=0.03)
     assert v_truncated == pytest.approx(truncated, rel=0.03)
     # the bootstrapped tail γ⁵ V(s0) is what truncation adds
