@@ -230,6 +230,7 @@ commands:
   member         split a run of seeds as members (--model.init_args.seeds) into single-seed checkpoints
   push-dataset   upload a trajectory dataset with its card to the Hub (then --data.dataset_id hf:USER/NAME)
   import-transformers   a transformers DecisionTransformerModel folder as a dtlab model (evaluate, fine-tune)
+  ope            estimate policies' values from a dataset alone (Fitted Q Evaluation), no environment needed
   scale          scaling study: a grid of fits over devices, model size, batch size and data; CSV, plots, power laws
 
 Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded Pendulum data (built locally,

@@ -557,4 +557,5 @@ COMMANDS: dict[str, Callable] = {
     "push-dataset": push_dataset,
     "import-transformers": import_transformers,
     "scale": scale,
+    "ope": importlib.import_module("dtlab.ope").ope,
 }
