@@ -223,7 +223,7 @@ class CQL(ActorCriticModule):
             torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
         ]
         if self.hparams.learn_alpha:
-            optimizers.append(torch.optim.Adam([self.log_alpha], lr=self.hparams.alpha_lr))
+            optimizers.append(torch.optim.Adam([self.log_alpha], lr=self.hparams.alpha_lr, fused=True))
         if self.hparams.lagrange:
-            optimizers.append(torch.optim.Adam([self.log_alpha_prime], lr=self.hparams.alpha_prime_lr))
+            optimizers.append(torch.optim.Adam([self.log_alpha_prime], lr=self.hparams.alpha_prime_lr, fused=True))
         return optimizers
