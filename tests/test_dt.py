@@ -294,6 +294,7 @@ def test_signature_defaults_are_the_papers() -> None:
         "stochastic": False,  # the Online DT (Zheng et al. 2022) switches it on
         "init_temperature": 0.1,  # ODT
         "target_entropy": None,  # ODT: −act_dim
+        "bf16": None,  # bfloat16 autocast on a CUDA device that supports it
     }
     parameters = inspect.signature(DecisionTransformer.__init__).parameters
     assert {name: p.default for name, p in parameters.items() if name not in ("self", "spec")} == documented

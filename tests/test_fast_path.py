@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import lightning as L
@@ -170,3 +171,45 @@ def test_cuda_graphs_reach_the_eager_updates_parameters(name: str, pendulum_id: 
     for key in x:
         torch.testing.assert_close(x[key], y[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     assert [g["lr"] for o in opts_a for g in o.param_groups] == [g["lr"] for o in opts_b for g in o.param_groups]
+
+
+# -- the Decision Transformer on the fast path ------------------------------------------------------
+
+
+def window_batch(data: OfflineDataModule, k: int, n: int = 512):
+    return data.transitions.sample_windows(n, k, torch.Generator().manual_seed(0))
+
+
+def test_dt_attends_with_sdpa_and_matches_eager_attention(pendulum_id: str, monkeypatch) -> None:
+    """The DT's GPT-2 runs torch's fused scaled_dot_product_attention (once per layer and forward) on every supported
+    transformers release, and its actions on real (unpadded) steps match eager attention's within 1e-5; left padding
+    included (windows that reach an episode's end)."""
+    data = OfflineDataModule(pendulum_id)
+    torch.manual_seed(0)
+    model = ALGORITHMS["DecisionTransformer"](spec=data.spec, **(TINY["DecisionTransformer"] | {"n_layer": 2, "n_head": 2})).eval()
+    eager = copy.deepcopy(model)
+    eager.model.config._attn_implementation = "eager"
+    assert model.model.encoder.config._attn_implementation == "sdpa"
+    w = window_batch(data, model.hparams.context_len)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    with torch.no_grad():
+        fused = model(w.observations, w.actions, w.returns_to_go, w.timesteps, w.mask)
+        assert len(calls) == 2
+        reference = eager(w.observations, w.actions, w.returns_to_go, w.timesteps, w.mask)
+    assert len(calls) == 2, "eager attention does not call SDPA"
+    real = w.mask.bool()
+    assert (~real).any(), "some windows are padded"
+    torch.testing.assert_close(fused[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
+def test_dt_bf16_autocast_is_for_cuda_only(pendulum_id: str) -> None:
+    """`bf16` (default None) turns on bfloat16 autocast only on a CUDA device that supports it: on the CPU it is off
+    whatever the switch says, and false turns it off on a GPU too."""
+    data = OfflineDataModule(pendulum_id)
+    for bf16 in (None, True, False):
+        model = ALGORITHMS["DecisionTransformer"](spec=data.spec, **TINY["DecisionTransformer"], bf16=bf16)
+        assert not model.autocast()._enabled
+        if torch.cuda.is_available():
+            assert model.cuda().autocast()._enabled == (bf16 is not False and torch.cuda.is_bf16_supported())

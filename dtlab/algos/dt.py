@@ -155,6 +155,8 @@ class DecisionTransformer(OfflineRLModule):
             entropy stays at least `target_entropy`. Acting greedily still takes tanh(mean).
         init_temperature: λ at the start (ODT: 0.1).
         target_entropy: the entropy floor; None: −act_dim (ODT).
+        bf16: the training forward under bfloat16 autocast on a CUDA device that supports it (weights, optimiser and loss
+            stay float32). None: on there; false: float32. Nothing changes on the CPU (the trainer's `precision` decides).
     """
 
     run_name = "dt"
@@ -179,6 +181,7 @@ class DecisionTransformer(OfflineRLModule):
         stochastic: bool = False,
         init_temperature: float = 0.1,
         target_entropy: float | None = None,
+        bf16: bool | None = None,
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
@@ -205,10 +208,13 @@ class DecisionTransformer(OfflineRLModule):
             vocab_size=1,
             bos_token_id=None,
             eos_token_id=None,
-            # DT supports SDPA in recent transformers (5.24) but not in 5.17, which refuses it: eager attention there.
-            attn_implementation="sdpa" if DecisionTransformerModel._supports_sdpa else "eager",
+            attn_implementation="eager",  # accepted by every release; switched to SDPA below
         )
         model = DecisionTransformerModel(config)
+        # Fused attention (torch's scaled_dot_product_attention). transformers 5.17 refuses attn_implementation="sdpa" for
+        # DecisionTransformerModel (it lacks the class flag, 5.24 has it), yet its GPT-2 attention and causal mask read the
+        # implementation from the config at every forward on both: setting it there gives SDPA on either release.
+        model.config._attn_implementation = "sdpa"
         # Parts of the HF model DT never uses (token ids, next-state/return heads): frozen, so DDP
         # does not wait for their gradients and AdamW leaves them alone.
         for unused in (model.encoder.wte, model.predict_state, model.predict_return):
@@ -278,12 +284,16 @@ class DecisionTransformer(OfflineRLModule):
         metrics = {"log_likelihood": log_likelihood.detach(), "entropy": entropy.detach(), "temperature": temperature.detach()}
         return policy_loss + temperature_loss, metrics
 
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the training forward on a CUDA device that supports it, unless `bf16` is false."""
+        on = self.device.type == "cuda" and self.hparams.bf16 is not False and torch.cuda.is_bf16_supported()
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
     def training_step(self, batch: WindowBatch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.stochastic:
-            loss, metrics = self.odt_loss(batch)
+        with self.autocast():
+            loss, metrics = self.odt_loss(batch) if self.hparams.stochastic else (self.dt_loss(batch), {})
+        if metrics:
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        else:
-            loss = self.dt_loss(batch)
         self.log("train/dt_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -301,7 +311,7 @@ class DecisionTransformer(OfflineRLModule):
         if self.hparams.stochastic:
             groups.append({"params": [self.log_temperature], "weight_decay": 0.0})
             schedules.append(lambda step: 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, fused=True)  # one kernel for every tensor
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
