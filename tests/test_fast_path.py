@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import lightning as L
 import pytest
 import torch
-from test_contract import TINY
+from test_contract import TINY, fit
 
 from dtlab.algos import ALGORITHMS, OfflineRLModule
 from dtlab.algos.runner import WARMUP, UpdateRunner
@@ -213,3 +213,22 @@ def test_dt_bf16_autocast_is_for_cuda_only(pendulum_id: str) -> None:
         assert not model.autocast()._enabled
         if torch.cuda.is_available():
             assert model.cuda().autocast()._enabled == (bf16 is not False and torch.cuda.is_bf16_supported())
+
+
+def test_a_checkpoint_of_automatic_optimisation_resumes_at_its_update(pendulum_id: str, tmp_path) -> None:
+    """BC trained under Lightning's automatic optimisation before it moved onto the runner; its checkpoints count the
+    updates as optimiser steps. Resuming one (rewritten here into that layout) continues at update 3, not 0, and
+    reaches the parameters of 6 straight updates."""
+    budget = ("--data.steps_per_epoch", "3", "--evaluation.episodes", "0")
+    straight = fit("bc.yaml", pendulum_id, tmp_path / "straight", *budget, "--trainer.max_epochs", "2")
+    fit("bc.yaml", pendulum_id, tmp_path / "half", *budget, "--trainer.max_epochs", "1")
+    checkpoint = torch.load(next((tmp_path / "half").rglob("last.ckpt")), weights_only=False)
+    loops = checkpoint["loops"]["fit_loop"]
+    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = copy.deepcopy(manual)
+    loops["epoch_loop.manual_optimization.optim_step_progress"] = {part: {"ready": 0, "completed": 0} for part in manual}
+    torch.save(checkpoint, tmp_path / "automatic.ckpt")
+    resumed = fit("bc.yaml", pendulum_id, tmp_path / "resumed", *budget, "--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "automatic.ckpt"))
+    assert resumed.trainer.global_step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

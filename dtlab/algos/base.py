@@ -7,6 +7,7 @@ evaluation in the environment is a callback (dtlab.callbacks.EnvEvaluation).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -223,6 +224,8 @@ class OfflineRLModule(L.LightningModule):
         # Resuming or fine-tuning on other data: say which spaces differ, before PyTorch's "size mismatch".
         saved = DatasetSpec.from_dict(checkpoint["hyper_parameters"]["spec"])
         saved.check_compatible(self.spec, "Checkpoint")
+        if not self.automatic_optimization:
+            count_updates_as_manual(checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The algorithm's registry name travels with the weights and the spec: `load_checkpoint(path)`
@@ -230,3 +233,14 @@ class OfflineRLModule(L.LightningModule):
         checkpoint["dtlab_algorithm"] = type(self).__name__
         if self.member_seeds is not None:  # which tensors have a member dimension (`dtlab member` cuts them)
             checkpoint["dtlab_stacked"] = [name for name, _ in self.named_parameters()]
+
+
+def count_updates_as_manual(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint of a model that trained under Lightning's automatic optimisation (BC before it trained through the
+    update runner) counts its updates as optimiser steps; under manual optimisation Lightning reads the update count
+    from the manual loop's progress, which is 0 there. Move the count over, so a resume continues at its update."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual is not None and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
+        loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)

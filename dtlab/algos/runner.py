@@ -21,8 +21,9 @@ Why torch.cuda.graph rather than torch.compile(mode="reduce-overhead"): docs/gpu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -56,18 +57,11 @@ def cuda_graph_blocker(module: Updatable, device: torch.device, world_size: int)
     return module.graph_blocker()
 
 
-def _clone(value: Any) -> Any:
-    return value.replace(**{k: v.clone() for k, v in vars(value).items() if v is not None}) if hasattr(value, "replace") else value.clone()
-
-
-def _copy_into(static: Any, value: Any) -> None:
-    """Refill a static batch (or tensor) in place: the graph reads these very addresses."""
-    if isinstance(static, torch.Tensor):
-        static.copy_(value, non_blocking=True)
-        return
+def _copy_into(static: Batch, batch: Batch) -> None:
+    """Refill a static batch in place: the graph reads these very addresses."""
     for name, tensor in vars(static).items():
         if tensor is not None:
-            tensor.copy_(getattr(value, name), non_blocking=True)
+            tensor.copy_(getattr(batch, name), non_blocking=True)
 
 
 class UpdateRunner:
@@ -141,11 +135,14 @@ class UpdateRunner:
         floats = [(group, group["lr"], group.get("capturable", False)) for group, _ in self.lrs]
         for group, lr in self.lrs:
             group["lr"], group["capturable"] = lr, True
-        static_batch, static_inputs = _clone(batch), {k: v.clone() for k, v in inputs.items()}
+        static_batch = dataclasses.replace(batch, **{k: v.clone() for k, v in vars(batch).items() if v is not None})
+        static_inputs = {k: v.clone() for k, v in inputs.items()}
+        # Under the trainer's mixed precision: autocast's weight cache must be off while recording (PyTorch's rule).
+        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph):  # its own memory pool: a phase's outputs outlive the other phases' replays
+            with torch.cuda.graph(graph), autocast:  # its own memory pool: a phase's outputs outlive the other phases' replays
                 module = self.module
                 outputs = module.update(module.prepare(static_batch), optimizers, backward, (), step, **static_inputs)
         finally:
