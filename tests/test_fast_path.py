@@ -5,7 +5,9 @@
   raise during those steps; CUDA: `torch.cuda.set_sync_debug_mode("error")`);
 - `cuda_graphs` says in one line why an update runs eagerly (no CUDA device, DDP, an update that changes with the step);
 - on a CUDA device (skipped elsewhere): replayed CUDA graphs reach the eager update's parameters within float
-  tolerance, through both TD3+BC phases and IQL's learning-rate schedule, without a host synchronisation.
+  tolerance, through both TD3+BC phases and IQL's learning-rate schedule, without a host synchronisation;
+- a BC checkpoint from before BC trained through the runner (automatic optimisation) resumes at its update;
+- the DT attends with SDPA on every transformers release, equal to eager attention; its bf16 autocast is CUDA-only.
 """
 
 from __future__ import annotations
