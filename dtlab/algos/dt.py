@@ -71,9 +71,22 @@ class DTPolicy(Normalizer):
         a = m.embed_action(action_in) + time
         return m.embed_ln(rearrange([r, s, a], "k b t h -> b (t k) h"))  # (B, 3T, H)
 
+    def attention_mask(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) 1 on real tokens -> what GPT-2 attends with, no cache. Under SDPA a prepared (B, 1, L, L) boolean mask,
+        causal over the real keys, which transformers uses as it is: given the (B, L) mask it checks on the host, at every
+        forward, whether anything is padded (a device synchronisation). Each padding token attends to itself only, so no
+        row is empty (finite outputs, masked out of every loss); real tokens attend to exactly what transformers' mask
+        lets them. Eager attention takes the (B, L) mask."""
+        if self.model.config._attn_implementation != "sdpa":
+            return token_mask
+        n = token_mask.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=token_mask.device).tril()
+        itself = torch.eye(n, dtype=torch.bool, device=token_mask.device)
+        return (causal & (token_mask.bool()[:, None, :] | itself))[:, None]  # (B, 1, L, L), True = attend
+
     def encode(self, tokens: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
-        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens. With a cache, the
-        new tokens attend to the cached ones too and their keys/values are appended to it."""
+        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens (or, without a cache, a prepared
+        `attention_mask`). With a cache, the new tokens attend to the cached ones too and their keys/values are appended to it."""
         out = self.model.encoder(
             inputs_embeds=tokens,
             attention_mask=token_mask,
@@ -109,7 +122,7 @@ class DTPolicy(Normalizer):
         b, k = mask.shape
         tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
         token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
-        return self.encode(tokens, token_mask).reshape(b, k, 3, -1)[:, :, 1]
+        return self.encode(tokens, self.attention_mask(token_mask)).reshape(b, k, 3, -1)[:, :, 1]
 
     def forward(
         self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
