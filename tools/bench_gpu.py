@@ -198,7 +198,8 @@ class Budget:
 
 
 def main(args: argparse.Namespace) -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the rows, not Lightning's banners
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the rows, not Lightning's banners
     warnings.filterwarnings("ignore")
     device, quick = torch.device(args.device), args.quick
     seconds = args.seconds or (1.0 if quick else 4.0)
