@@ -21,14 +21,15 @@ from dtlab.cli import main, run_cli
 from dtlab.commands import COMMANDS
 
 CONF = Path(__file__).parents[1] / "conf"
-# conf/<algo>.yaml stands alone; conf/<task>/<algo>.yaml is composed over conf/<algo>.yaml.
+# conf/<algo>.yaml stands alone; conf/<task>/<algo>.yaml is composed over conf/<algo>.yaml, conf/<algo>/<variant>.yaml too.
 CONFIGS = sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_validates(config, capsys):
     path = CONF / config
-    layers = [path] if path.parent == CONF else [CONF / path.name, path]
+    base = CONF / f"{path.parent.name}.yaml" if (CONF / f"{path.parent.name}.yaml").exists() else CONF / path.name
+    layers = [path] if path.parent == CONF else [base, path]
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", *(arg for layer in layers for arg in ("-c", str(layer))), "--print_config"])
     assert info.value.code == 0

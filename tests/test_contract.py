@@ -278,3 +278,18 @@ def test_checkpoint_from_a_fresh_process_refuses_other_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(CheckpointError, match="not a dtlab checkpoint"):
         load_checkpoint(tmp_path / "foreign.ckpt")
+
+
+# The fast path (device sampler, CUDA graphs: docs/gpu.md) keeps resume exact. On a CPU the sampler's data stays where it is and
+# the runner is eager, saying why (one algorithm suffices there: the eager path is the test above); on a GPU every algorithm runs.
+FAST_PATH = ("--data.on_device", "true", "--model.init_args.cuda_graphs", "true")
+FAST_CONFIGS = [c for c in CONFIGS if class_name(c) != "DecisionTransformer" and (torch.cuda.is_available() or c == "td3bc.yaml")]
+
+
+@pytest.mark.parametrize("config", FAST_CONFIGS)
+def test_resume_is_exact_on_the_fast_path(config, pendulum_id, tmp_path, monkeypatch):
+    """test_resume_continues_to_any_budget_exactly with every fit on the fast path."""
+    plain = fit
+    monkeypatch.setitem(globals(), "fit", lambda *args: plain(*args, *FAST_PATH))
+    test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path)
+    assert all("cuda_graphs: true" in h.read_text() for h in tmp_path.rglob("hparams.yaml"))

@@ -155,6 +155,7 @@ def test_datamodule_defaults_and_the_smallest_valid_sizes(pendulum_id) -> None:
         "in_memory": None,
         "clip_actions": False,
         "fraction": 1.0,
+        "on_device": None,
     }
     dm = OfflineDataModule(pendulum_id, batch_size=1, steps_per_epoch=1)
     assert dm.batch_size == 1 and dm.steps_per_epoch == 1

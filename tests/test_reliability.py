@@ -419,7 +419,7 @@ def diverging_fit(dataset_id: str, checkpoints: Path, poison: Poison) -> str:
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(pendulum_id, tmp_path):
     message = diverging_fit(pendulum_id, tmp_path, Poison(before=4))
-    assert "BC diverged" in message and "update 5 gave loss = nan" in message and str(tmp_path / "last.ckpt") in message
+    assert "BC diverged" in message and "update 5 gave bc_loss = nan" in message and str(tmp_path / "last.ckpt") in message
     saved = read_checkpoint(tmp_path / "last.ckpt")
     assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 

@@ -9,6 +9,7 @@ episodes drawn uniformly, no window at an episode's last step, ...) fails with o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import islice
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from dtlab.data.module import BatchStream, OfflineDataModule
-from dtlab.data.samplers import PAD_ACTION, BatchFormat, OfflineSampler, Transitions
+from dtlab.data.samplers import PAD_ACTION, TRANSITION_KEYS, BatchFormat, OfflineSampler, Transitions
 from dtlab.spec import DatasetSpec
 
 SIX_SIGMA = 6.0  # two-sided normal tail ≈ 2e-9
@@ -279,3 +280,66 @@ def test_batch_format_refuses_windows_without_a_context() -> None:
         with pytest.raises(ValueError, match="needs a context_len >= 1"):
             BatchFormat("windows", context_len=bad)
     assert BatchFormat("transitions").context_len is None
+
+
+# -- the device sampler ---------------------------------------------------------------------------
+
+
+def device_batches(transitions: Transitions, format: BatchFormat, device: str, seed: int = 0, world_size: int = 1) -> list:
+    """Three updates' batches (every rank's) of the stream over `transitions` moved to `device`, as the DataModule builds it."""
+    sampler = OfflineSampler(transitions.to(device), format)
+    return [list(islice(iter(BatchStream(sampler, 32 // world_size, 5, seed, lambda: 2, rank, world_size, device=device)), 3)) for rank in range(world_size)]
+
+
+def host_batches(transitions: Transitions, format: BatchFormat, seed: int = 0, world_size: int = 1) -> list:
+    return [
+        list(islice(iter(BatchStream(OfflineSampler(transitions, format), 32 // world_size, 5, seed, lambda: 2, rank, world_size)), 3))
+        for rank in range(world_size)
+    ]
+
+
+FORMATS = [BatchFormat(), BatchFormat(mc_return_gamma=0.9), BatchFormat("windows", context_len=4)]
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["transitions", "mc_returns", "windows"])
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_device_sampler_draws_the_host_samplers_batches(pendulum_id: str, format: BatchFormat, in_memory: bool, world_size: int) -> None:
+    """The data moved to a device (here the CPU: the same code a GPU runs) gives, for each (seed, update) and rank, the very
+    batches of the host sampler, field by field, bit for bit; from memory-mapped data too (the copy is packed). Catches a
+    copy that misaligns columns, loses the discrete/Monte-Carlo fields, or draws with another generator."""
+    data = tagged(OfflineDataModule(pendulum_id).transitions, in_memory)
+    moved, host = device_batches(data, format, "cpu", world_size=world_size), host_batches(data, format, world_size=world_size)
+    for rank_moved, rank_host in zip(moved, host):
+        for a, b in zip(rank_moved, rank_host):
+            for field in dataclasses.fields(a):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), field.name
+
+
+def test_datamodule_draws_on_the_trainers_device_unless_told_not_to(pendulum_id: str) -> None:
+    """`on_device` null/true: batches are drawn where the trainer runs (here the CPU, where the host data is used as it
+    is, uncopied); false: on the host; an online phase always samples on the host."""
+    dm = OfflineDataModule(pendulum_id)
+    assert dm.sample_device() == torch.device("cpu") and dm.device_transitions(torch.device("cpu")) is dm.transitions
+    assert OfflineDataModule(pendulum_id, on_device=False).sample_device() == torch.device("cpu")
+    moved = dm.transitions.to("cpu")  # what the accelerator receives: the packed matrix and the other columns
+    others = [v for k, v in moved.columns.items() if k not in TRANSITION_KEYS]
+    assert dm.transitions.nbytes() == moved._packed.nbytes + sum(v.nbytes for v in others), "the size printed is the size copied"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampler_draws_without_host_synchronisation(pendulum_id: str) -> None:
+    """On a GPU: batches live on the device, repeat per (seed, update), and drawing them never synchronises with the host."""
+    data = tagged(OfflineDataModule(pendulum_id).transitions)
+    for format in FORMATS:
+        sampler = OfflineSampler(data.to("cuda"), format)
+        stream = BatchStream(sampler, 64, 5, 0, lambda: 0, device="cuda")
+        stream.batch(0)  # first use: allocator and kernels warm
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            a, b = stream.batch(1), stream.batch(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert a.observations.is_cuda and torch.equal(a.observations, b.observations)
+        assert not torch.equal(a.observations, stream.batch(2).observations)

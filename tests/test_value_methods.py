@@ -332,6 +332,7 @@ PAPER_DEFAULTS = {
         "normalize_reward": False,
         "compile": False,
         "seeds": None,
+        "cuda_graphs": None,
     },
     # Kostrikov et al. 2022, locomotion (CORL iql.py, halfcheetah configs)
     IQL: {
@@ -354,6 +355,7 @@ PAPER_DEFAULTS = {
         "lr_schedule_updates": None,  # None: the cosine schedule spans the run (the trainer's updates)
         "compile": False,
         "seeds": None,
+        "cuda_graphs": None,
     },
     # CORL cql.py with configs/offline/cql/halfcheetah/medium_v2.yaml (init and target action: docs/results.md)
     CQL: {
@@ -383,9 +385,10 @@ PAPER_DEFAULTS = {
         "target_entropy": None,  # None: -action_dim (Haarnoja et al. 2018)
         "compile": False,
         "seeds": None,
+        "cuda_graphs": None,
     },
     # CORL any_percent_bc.py / d3rlpy BC
-    BC: {"hidden_dims": (256, 256), "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0, "seeds": None},
+    BC: {"hidden_dims": (256, 256), "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0, "seeds": None, "cuda_graphs": None},
 }
 
 

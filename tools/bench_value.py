@@ -80,7 +80,11 @@ def model_class_and_args(algo: str, **overrides) -> tuple[type, dict]:
     return getattr(importlib.import_module(module), name), {**config.get("init_args", {}), **overrides}
 
 
-def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision: str = "32-true", **overrides) -> float:
+def time_lightning(
+    algo: str, dataset: str, warmup: int, updates: int, precision: str = "32-true", data_args: dict | None = None, trainer_args: dict | None = None, **overrides
+) -> float:
+    """Updates/s of `Trainer.fit` of conf/<algo>.yaml's model (model `overrides`; `data_args`, `trainer_args` for the
+    DataModule and the Trainer, e.g. tools/bench_gpu.py's device and fast-path switches)."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -89,13 +93,15 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
 
     class UpdateTimer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx in (warmup - 1, warmup + updates - 1) and pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # every update queued so far has run
             if batch_idx == warmup - 1:
                 self.start = time.perf_counter()
             elif batch_idx == warmup + updates - 1:
                 self.stop = time.perf_counter()
 
     cls, init_args = model_class_and_args(algo, **overrides)
-    data = OfflineDataModule(dataset, batch_size=256, steps_per_epoch=warmup + updates)
+    data = OfflineDataModule(dataset, **({"batch_size": 256} | (data_args or {})), steps_per_epoch=warmup + updates)
     model = cls(spec=data.spec, **init_args)
     timer = UpdateTimer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +115,7 @@ def time_lightning(algo: str, dataset: str, warmup: int, updates: int, precision
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=[timer, DivergenceGuard()],
+            **(trainer_args or {}),
         )
         trainer.fit(model, data)
     return updates / (timer.stop - timer.start)

@@ -1,5 +1,6 @@
 """What the TD-learning methods (TD3+BC, IQL, CQL, Cal-QL) share: transition batches prepared for the
-losses, manual optimisation with one `update` per batch counted as one step, and the actor's Policy.
+losses, manual optimisation with one `update` per batch counted as one step (the base's training_step
+runs it through dtlab.algos.runner), and the actor's Policy.
 
 Each algorithm keeps only its networks, losses and `update`; `update` takes a prepared batch, the
 optimisers and a `backward` function, so the same code runs under Lightning (`manual_backward`) and in
@@ -12,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.core.optimizer import do_nothing_closure
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
@@ -79,34 +79,9 @@ class ActorCriticModule(OfflineRLModule):
         self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
     ) -> dict[str, torch.Tensor]:
         """One iteration of the algorithm on a prepared batch (`step`: updates done before it); returns
-        metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`.
+        metrics to log. `backward` is Lightning's manual_backward or plain `loss.backward()`. The base's
+        training_step runs it through the update runner (eager or CUDA graphs, dtlab.algos.runner).
 
         With seeds as members (dtlab.algos.members) every loss and metric has a leading member dimension:
         `backward` gets the sum over members, so each member's gradient is its own loss's."""
         raise NotImplementedError
-
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = self.lr_schedulers()  # Lightning does not step them under manual optimisation
-        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
-        # Lightning's manual loop counts every optimizer.step() as a global step (IQL would count 3 per
-        # batch, TD3+BC 1.5). dtlab's unit is the update: silence the per-optimiser count, count the batch.
-        for opt in optimizers:
-            opt._on_before_step = opt._on_after_step = do_nothing_closure
-        # With members, each metric is logged as its mean over them (a NaN in any member shows).
-        metrics = {k: v.mean() for k, v in self.update(self.prepare(batch), optimizers, self.manual_backward, schedulers, self.global_step).items()}
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
-        # Log only on the updates the logger writes (Lightning writes a row after update k when (k + 1) is a multiple
-        # of log_every_n_steps): Lightning's self.log costs ~1 ms per call on CPU. Under DDP each metric is the mean over processes.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            logged = {f"train/{k}": v for k, v in metrics.items()}
-            # A metric not computed at this update (TD3+BC's delayed actor loss) is not written with an older value:
-            # Lightning would repeat its last one within the epoch (and a resumed run would not).
-            for key, result in self.trainer._results.items():
-                if key.startswith("training_step.train/") and key.removeprefix("training_step.") not in logged:
-                    result.reset()
-            self.log_dict(logged, sync_dist=True)
-        return metrics

@@ -7,14 +7,18 @@ evaluation in the environment is a callback (dtlab.callbacks.EnvEvaluation).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import do_nothing_closure
 from torch import nn
 
 from dtlab.algos.members import MemberPolicies, MembersError, build_members, build_single, member_randn, member_vmap, stack_parameters
-from dtlab.data.samplers import BatchFormat
+from dtlab.algos.runner import UpdateRunner, cuda_graph_blocker
+from dtlab.data.samplers import Batch, BatchFormat
 from dtlab.envs import Agent, StatelessAgent
 from dtlab.spec import DatasetSpec
 
@@ -23,11 +27,15 @@ class OfflineRLModule(L.LightningModule):
     """Shared plumbing: the spec, the batch format, the Agent.
 
     Subclasses set `self.policy` (a `dtlab.policy.Policy`, or a policy with memory plus `make_agent`)
-    and define their losses and `training_step`; one training batch is one update (one global step).
+    and define their losses; one training batch is one update (one global step). An algorithm under manual
+    optimisation defines `update` (and, when it needs them, `prepare`, `update_inputs`, `update_phase`,
+    `graph_blocker`) and trains through `training_step` here, which runs it with a `dtlab.algos.runner.UpdateRunner`
+    (eager, or CUDA graphs on a GPU: `cuda_graphs`); others define their own `training_step`.
     """
 
     policy: nn.Module
     run_name: ClassVar[str] = ""  # runs/<run_name>/version_N; empty: the class name in lower case
+    _runner: UpdateRunner | None = None  # made at the first update of each fit
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,6 +69,68 @@ class OfflineRLModule(L.LightningModule):
 
     def normalize(self, observations: torch.Tensor) -> torch.Tensor:
         return self.policy.normalize(observations)
+
+    # -- one update per batch, through the update runner (dtlab.algos.runner) ---------------------
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Raw dataset batch -> what `update` takes (as it is, unless a subclass says otherwise)."""
+        return batch
+
+    def update_inputs(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Random numbers update `step` takes as arguments, drawn outside it as a function of (seed, update): none here."""
+        return {}
+
+    def update_phase(self, step: int) -> Hashable:
+        """Which variant of the update runs at `step` (one CUDA graph each): the same one at every step here."""
+        return 0
+
+    def graph_blocker(self) -> str | None:
+        """Why this model's update cannot be captured as a CUDA graph (None: it can)."""
+        return None
+
+    def update_runner(self) -> UpdateRunner:
+        """The runner of this fit's updates: CUDA graphs where `cuda_graphs` allows and the update can be captured
+        (one line says why not when they were asked for, or training runs on a GPU), else eager."""
+        wanted = self.hparams.get("cuda_graphs")
+        blocker = cuda_graph_blocker(self, self.device, self._trainer.world_size if self._trainer is not None else 1)
+        if wanted is not False and blocker is not None and (wanted or self.device.type == "cuda"):
+            print(f"dtlab: {type(self).__name__} runs its update eagerly: {blocker}.", flush=True)
+        return UpdateRunner(self, cuda_graphs=wanted is not False and blocker is None)
+
+    def on_train_start(self) -> None:
+        self._runner = None  # a new fit (maybe on another device) makes its own
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()  # Lightning does not step them under manual optimisation
+        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
+        # Lightning's manual loop counts every optimizer.step() as a global step (IQL would count 3 per
+        # batch, TD3+BC 1.5). dtlab's unit is the update: silence the per-optimiser count, count the batch.
+        for opt in optimizers:
+            opt._on_before_step = opt._on_after_step = do_nothing_closure
+        if self._runner is None:
+            self._runner = self.update_runner()
+        metrics = self._runner.run(batch, optimizers, schedulers, self.manual_backward, self.global_step)
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+        # Log only on the updates the logger writes: Lightning's self.log costs ~1 ms per call on CPU, and reading
+        # a value is a host synchronisation. Under DDP each metric is the mean over processes; with members, the mean
+        # over them (a NaN in any member shows). The metrics are returned for the divergence guard: at every update
+        # when eager, only at logged updates on CUDA graphs (the guard reads them).
+        logged = self.global_step % self.trainer.log_every_n_steps == 0
+        if not logged and self._runner.cuda_graphs:
+            return None
+        metrics = {k: v.mean() for k, v in metrics.items()}
+        if logged:
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
+            # A metric this update did not compute (TD3+BC's delayed actor loss) is not written with an older value:
+            # Lightning would repeat its last one within the epoch (and a resumed run would not).
+            for key, result in self.trainer._results.items():
+                if key.startswith("training_step.train/") and key.removeprefix("training_step.train/") not in metrics:
+                    result.reset()
+        return metrics
 
     # -- seeds as a batch dimension (dtlab.algos.members) ----------------------------------------
 
@@ -138,6 +208,8 @@ class OfflineRLModule(L.LightningModule):
         # Resuming or fine-tuning on other data: say which spaces differ, before PyTorch's "size mismatch".
         saved = DatasetSpec.from_dict(checkpoint["hyper_parameters"]["spec"])
         saved.check_compatible(self.spec, "Checkpoint")
+        if not self.automatic_optimization:
+            count_updates_as_manual(checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The algorithm's registry name travels with the weights and the spec: `load_checkpoint(path)`
@@ -145,3 +217,14 @@ class OfflineRLModule(L.LightningModule):
         checkpoint["dtlab_algorithm"] = type(self).__name__
         if self.member_seeds is not None:  # which tensors have a member dimension (`dtlab member` cuts them)
             checkpoint["dtlab_stacked"] = [name for name, _ in self.named_parameters()]
+
+
+def count_updates_as_manual(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint of a model that trained under Lightning's automatic optimisation (BC before it trained through the
+    update runner) counts its updates as optimiser steps; under manual optimisation Lightning reads the update count
+    from the manual loop's progress, which is 0 there. Move the count over, so a resume continues at its update."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual is not None and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
+        loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ class BC(OfflineRLModule):
         lr: Adam learning rate.
         weight_decay: L2 penalty on the policy's weights.
         dropout: dropout after each hidden layer (0 disables).
+        cuda_graphs: run each update as a replayed CUDA graph (dtlab.algos.runner: the whole update captured once, no
+            per-update launches or host reads). None: on when training runs on one GPU and off otherwise; false: eager.
         seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
             i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
@@ -35,11 +37,13 @@ class BC(OfflineRLModule):
         weight_decay: float = 0.0,
         dropout: float = 0.0,
         seeds: list[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
         actor_cls = CategoricalActor if self.spec.discrete else DeterministicActor
         self.policy = Policy(actor_cls(self.obs_dim, self.act_dim, hidden_dims, dropout=dropout), self.spec)
+        self.automatic_optimization = False  # one update per batch, run by the update runner
         self.setup_losses("bc_loss")
 
     def bc_loss(self, batch: TransitionBatch) -> torch.Tensor:
@@ -49,10 +53,16 @@ class BC(OfflineRLModule):
             return F.cross_entropy(out, batch.actions)
         return F.mse_loss(out, self.policy.action_scaler.to_unit(batch.actions))
 
-    def training_step(self, batch: TransitionBatch, batch_idx: int) -> torch.Tensor:
+    def update(
+        self, batch: TransitionBatch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
+    ) -> dict[str, torch.Tensor]:
+        """One Adam step on the loss (the base's training_step runs it through dtlab.algos.runner)."""
         loss = self.bc_loss(batch)  # (S,) with members: their sum gives each member its own gradient
-        self.log("train/bc_loss", loss.mean(), prog_bar=True, sync_dist=True)
-        return loss.sum()
+        (optimizer,) = optimizers
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss.sum())
+        optimizer.step()
+        return {"bc_loss": loss.detach()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)

@@ -63,6 +63,8 @@ class CQL(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        cuda_graphs: run each update as a replayed CUDA graph (dtlab.algos.runner: the whole update captured once, no
+            per-update launches or host reads). None: on when training runs on one GPU and off otherwise; false: eager.
         seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members): member
             i starts as the single-seed run with `--seed_everything s_i` and sees its batches (`--data.seed s_i`);
             its sampled actions come from torch's generator, so it is that run's statistical twin, not its copy.
@@ -98,6 +100,7 @@ class CQL(ActorCriticModule):
         normalize_reward: bool = False,
         compile: bool = False,
         seeds: list[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
@@ -220,7 +223,7 @@ class CQL(ActorCriticModule):
             torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
         ]
         if self.hparams.learn_alpha:
-            optimizers.append(torch.optim.Adam([self.log_alpha], lr=self.hparams.alpha_lr))
+            optimizers.append(torch.optim.Adam([self.log_alpha], lr=self.hparams.alpha_lr, fused=True))
         if self.hparams.lagrange:
-            optimizers.append(torch.optim.Adam([self.log_alpha_prime], lr=self.hparams.alpha_prime_lr))
+            optimizers.append(torch.optim.Adam([self.log_alpha_prime], lr=self.hparams.alpha_prime_lr, fused=True))
         return optimizers

@@ -71,9 +71,22 @@ class DTPolicy(Normalizer):
         a = m.embed_action(action_in) + time
         return m.embed_ln(rearrange([r, s, a], "k b t h -> b (t k) h"))  # (B, 3T, H)
 
+    def attention_mask(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) 1 on real tokens -> what GPT-2 attends with, no cache. Under SDPA a prepared (B, 1, L, L) boolean mask,
+        causal over the real keys, which transformers uses as it is: given the (B, L) mask it checks on the host, at every
+        forward, whether anything is padded (a device synchronisation). Each padding token attends to itself only, so no
+        row is empty (finite outputs, masked out of every loss); real tokens attend to exactly what transformers' mask
+        lets them. Eager attention takes the (B, L) mask."""
+        if self.model.config._attn_implementation != "sdpa":
+            return token_mask
+        n = token_mask.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=token_mask.device).tril()
+        itself = torch.eye(n, dtype=torch.bool, device=token_mask.device)
+        return (causal & (token_mask.bool()[:, None, :] | itself))[:, None]  # (B, 1, L, L), True = attend
+
     def encode(self, tokens: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
-        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens. With a cache, the
-        new tokens attend to the cached ones too and their keys/values are appended to it."""
+        """GPT-2 over (B, L, H) tokens; `token_mask` (B, past+L) is 1 on real tokens (or, without a cache, a prepared
+        `attention_mask`). With a cache, the new tokens attend to the cached ones too and their keys/values are appended to it."""
         out = self.model.encoder(
             inputs_embeds=tokens,
             attention_mask=token_mask,
@@ -109,7 +122,7 @@ class DTPolicy(Normalizer):
         b, k = mask.shape
         tokens = self.tokens(observations, actions, returns_to_go, timesteps)  # (B, 3K, H)
         token_mask = mask.repeat_interleave(3, dim=1)  # (B, 3K), R̂/s/a of a step share its mask
-        return self.encode(tokens, token_mask).reshape(b, k, 3, -1)[:, :, 1]
+        return self.encode(tokens, self.attention_mask(token_mask)).reshape(b, k, 3, -1)[:, :, 1]
 
     def forward(
         self, observations: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor
@@ -155,6 +168,8 @@ class DecisionTransformer(OfflineRLModule):
             entropy stays at least `target_entropy`. Acting greedily still takes tanh(mean).
         init_temperature: λ at the start (ODT: 0.1).
         target_entropy: the entropy floor; None: −act_dim (ODT).
+        bf16: the training forward under bfloat16 autocast on a CUDA device that supports it (weights, optimiser and loss
+            stay float32). None: on there; false: float32. Nothing changes on the CPU (the trainer's `precision` decides).
     """
 
     run_name = "dt"
@@ -179,6 +194,7 @@ class DecisionTransformer(OfflineRLModule):
         stochastic: bool = False,
         init_temperature: float = 0.1,
         target_entropy: float | None = None,
+        bf16: bool | None = None,
     ) -> None:
         super().__init__(spec)
         self.save_hyperparameters()
@@ -205,10 +221,13 @@ class DecisionTransformer(OfflineRLModule):
             vocab_size=1,
             bos_token_id=None,
             eos_token_id=None,
-            # DT supports SDPA in recent transformers (5.24) but not in 5.17, which refuses it: eager attention there.
-            attn_implementation="sdpa" if DecisionTransformerModel._supports_sdpa else "eager",
+            attn_implementation="eager",  # accepted by every release; switched to SDPA below
         )
         model = DecisionTransformerModel(config)
+        # Fused attention (torch's scaled_dot_product_attention). transformers 5.17 refuses attn_implementation="sdpa" for
+        # DecisionTransformerModel (it lacks the class flag, 5.24 has it), yet its GPT-2 attention and causal mask read the
+        # implementation from the config at every forward on both: setting it there gives SDPA on either release.
+        model.config._attn_implementation = "sdpa"
         # Parts of the HF model DT never uses (token ids, next-state/return heads): frozen, so DDP
         # does not wait for their gradients and AdamW leaves them alone.
         for unused in (model.encoder.wte, model.predict_state, model.predict_return):
@@ -278,12 +297,16 @@ class DecisionTransformer(OfflineRLModule):
         metrics = {"log_likelihood": log_likelihood.detach(), "entropy": entropy.detach(), "temperature": temperature.detach()}
         return policy_loss + temperature_loss, metrics
 
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the training forward on a CUDA device that supports it, unless `bf16` is false."""
+        on = self.device.type == "cuda" and self.hparams.bf16 is not False and torch.cuda.is_bf16_supported()
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
     def training_step(self, batch: WindowBatch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.stochastic:
-            loss, metrics = self.odt_loss(batch)
+        with self.autocast():
+            loss, metrics = self.odt_loss(batch) if self.hparams.stochastic else (self.dt_loss(batch), {})
+        if metrics:
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        else:
-            loss = self.dt_loss(batch)
         self.log("train/dt_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -301,7 +324,7 @@ class DecisionTransformer(OfflineRLModule):
         if self.hparams.stochastic:
             groups.append({"params": [self.log_temperature], "weight_decay": 0.0})
             schedules.append(lambda step: 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, fused=True)  # one kernel for every tensor
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

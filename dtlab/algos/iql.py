@@ -60,6 +60,8 @@ class IQL(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (IQL paper / CORL on locomotion).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        cuda_graphs: run each update as a replayed CUDA graph (dtlab.algos.runner: the whole update captured once, no
+            per-update launches or host reads). None: on when training runs on one GPU and off otherwise; false: eager.
         seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
             i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
@@ -86,6 +88,7 @@ class IQL(ActorCriticModule):
         normalize_reward: bool = False,
         compile: bool = False,
         seeds: list[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()

@@ -46,6 +46,8 @@ class TD3BC(ActorCriticModule):
         reward_scale: rewards are multiplied by this.
         normalize_reward: also multiply rewards by max_episode_steps / (max_return − min_return) of the dataset (CORL's locomotion rule).
         compile: torch.compile the loss functions (the update's compute; optimiser steps stay eager).
+        cuda_graphs: run each update as a replayed CUDA graph (dtlab.algos.runner: the whole update captured once, no
+            per-update launches or host reads). None: on when training runs on one GPU and off otherwise; false: eager.
         seeds: train one member per seed in this one model (seeds as a batch dimension, dtlab.algos.members); member
             i equals the single-seed run with `--seed_everything s_i --data.seed s_i`. None: one ordinary run.
     """
@@ -69,6 +71,7 @@ class TD3BC(ActorCriticModule):
         normalize_reward: bool = False,
         compile: bool = False,
         seeds: list[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         super().__init__(spec, reward_scale, normalize_reward)
         self.save_hyperparameters()
@@ -110,19 +113,39 @@ class TD3BC(ActorCriticModule):
 
     # -- one update ------------------------------------------------------------------------------
 
+    def update_inputs(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """ε of the target smoothing, a function of (seed, update): resume and the members repeat it exactly."""
+        return {"noise": self.randn(tuple(batch.actions.shape[-2:]), step)}
+
+    def update_phase(self, step: int) -> bool:
+        """Whether update `step` also steps the actor and the targets (every `policy_delay`-th)."""
+        return (step + 1) % self.hparams.policy_delay == 0
+
+    def graph_blocker(self) -> str | None:
+        if self.hparams.bc_anneal_updates is not None:
+            return "bc_anneal_updates changes the BC weight at every update, and a CUDA graph would keep its first value"
+        return None
+
     def update(
-        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
+        self,
+        batch: Batch,
+        optimizers: Sequence[torch.optim.Optimizer],
+        backward: Callable[[torch.Tensor], None],
+        schedulers: Sequence,
+        step: int,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One TD3+BC iteration on a prepared batch: critic step; every `policy_delay`, actor step
-        and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`."""
+        and Polyak updates. `backward` is Lightning's manual_backward or plain `loss.backward()`;
+        `noise` the target smoothing's ε (default: `update_inputs`'s)."""
         actor_opt, critic_opt = optimizers
-        # ε of the target smoothing, a function of (seed, update): resume and the members repeat it exactly.
-        critic_loss = self.critic_loss(batch, self.randn(tuple(batch.actions.shape[-2:]), step))
+        noise = self.update_inputs(batch, step)["noise"] if noise is None else noise
+        critic_loss = self.critic_loss(batch, noise)
         critic_opt.zero_grad(set_to_none=True)
         backward(critic_loss.sum())
         critic_opt.step()
         metrics = {"critic_loss": critic_loss.detach()}
-        if (step + 1) % self.hparams.policy_delay == 0:
+        if self.update_phase(step):
             actor_loss, lmbda = self.actor_loss(batch, self.bc_weight(step))
             actor_opt.zero_grad(set_to_none=True)
             backward(actor_loss.sum())

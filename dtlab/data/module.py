@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dtlab.data.convert import MIX_SEPARATOR, checked_actions, episode_subset, load_columns, load_trajectories
 from dtlab.data.samplers import Batch, BatchFormat, OfflineSampler, Sampler, Transitions, stack_batches
+from dtlab.spec import DatasetError
 
 # BatchStream defines __len__ (so progress bars know the epoch) and is only read with num_workers=0,
 # where Lightning's warning about __len__ with several workers does not apply.
@@ -44,7 +45,8 @@ class BatchStream(IterableDataset):
     dimension), one such batch per member seed, stacked: every field gains a leading (S,) dimension.
 
     `__len__` is one epoch (`steps` batches) so progress bars know it; Lightning stops each epoch after
-    that many batches and starts a new iterator at the next update, also after a resume mid-epoch."""
+    that many batches and starts a new iterator at the next update, also after a resume mid-epoch.
+    `device` is where the sampler's data lives: the generator is of that device, so batches are drawn there."""
 
     def __init__(
         self,
@@ -56,11 +58,14 @@ class BatchStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         members: list[int] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size} processes.")
         self.sampler, self.batch_size, self.steps, self.seed, self.start = sampler, batch_size, steps, seed, start
         self.rank, self.world_size, self.members = rank, world_size, members
+        # The generator lives where the sampler's data does (one, re-seeded per batch: no allocation per update).
+        self.generator = torch.Generator(device)
 
     def __len__(self) -> int:
         return self.steps
@@ -71,9 +76,9 @@ class BatchStream(IterableDataset):
         return self.seeded_batch(self.seed, update)
 
     def seeded_batch(self, seed: int, update: int) -> Batch:
-        generator = torch.Generator().manual_seed(stream_seed(seed, update))
+        self.generator.manual_seed(stream_seed(seed, update))
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return self.sampler.sample(self.batch_size * self.world_size, generator, rows, update)
+        return self.sampler.sample(self.batch_size * self.world_size, self.generator, rows, update)
 
     def __iter__(self) -> Iterator[Batch]:
         update = self.start()
@@ -101,6 +106,10 @@ class OfflineDataModule(L.LightningDataModule):
             refused (the error names the first one): a policy cannot learn to act where the env cannot.
         fraction: train on a random fraction of the episodes, chosen by `seed` (data-scaling studies;
             `dtlab scale --fractions`); observation statistics are recomputed over them.
+        on_device: where offline batches are drawn when training runs on an accelerator (a GPU). Default (null) or
+            true: the data is copied into the accelerator's memory once (the size is printed) and every batch is drawn
+            there, with no host copy or synchronisation per update; false keeps it in host memory (data larger than
+            the card). Without an accelerator the data stays where it is. Online phases sample on the host.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class OfflineDataModule(L.LightningDataModule):
         in_memory: bool | None = None,
         clip_actions: bool = False,
         fraction: Fraction = 1.0,
+        on_device: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
@@ -122,7 +132,9 @@ class OfflineDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.dataset_id, self.batch_size, self.steps_per_epoch = dataset_id, batch_size, steps_per_epoch
         self.seed, self.in_memory, self.clip_actions, self.fraction = seed, in_memory, clip_actions, fraction
+        self.on_device = on_device
         self._transitions: Transitions | None = None
+        self._on_device: Transitions | None = None  # the copy in the accelerator's memory, made once
         self.mix_online: Callable[[OfflineSampler], Sampler] | None = None
 
     def prepare_data(self) -> None:
@@ -158,20 +170,46 @@ class OfflineDataModule(L.LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         return model.batch_format if model is not None else BatchFormat()
 
-    def sampler(self) -> Sampler:
-        """The offline sampler, or during an online phase (dtlab.online sets `mix_online`) the sampler built
-        around it: balanced replay of offline and online transitions, or the Online DT's trajectory replay."""
-        offline = OfflineSampler(self.transitions, self.batch_format())
+    def sample_device(self) -> torch.device:
+        """Where batches are drawn: the accelerator training runs on (unless `on_device` is false, or during an
+        online phase, whose replay lives on the host), else the CPU."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return torch.device("cpu") if self.on_device is False or self.mix_online is not None else device
+
+    def device_transitions(self, device: torch.device) -> Transitions:
+        """The data on `device`, copied there once (refused in one line when it cannot fit)."""
+        if device.type == "cpu":
+            return self.transitions
+        if self._on_device is None or self._on_device.device != device:
+            need = self.transitions.nbytes()
+            if device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(device)
+                if need > free:
+                    raise DatasetError(
+                        f"Dataset '{self.dataset_id}' needs {need / 2**20:.0f} MiB on {device} and {free / 2**20:.0f} of {total / 2**20:.0f} MiB are free: "
+                        "pass --data.on_device false to draw batches from host memory."
+                    )
+            if self.trainer is None or self.trainer.is_global_zero:
+                print(f"dtlab: {need / 2**20:.0f} MiB of transitions in {device} memory, batches drawn there (--data.on_device false: host memory)", flush=True)
+            self._on_device = self.transitions.to(device)
+        return self._on_device
+
+    def sampler(self, device: torch.device | str = "cpu") -> Sampler:
+        """The offline sampler over the data on `device`, or during an online phase (dtlab.online sets `mix_online`)
+        the sampler built around it: balanced replay of offline and online transitions, or the Online DT's trajectory replay."""
+        offline = OfflineSampler(self.device_transitions(torch.device(device)), self.batch_format())
         return offline if self.mix_online is None else self.mix_online(offline)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+        trainer, device = self.trainer, self.sample_device()
         if trainer is None:
             stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, lambda: 0)
         else:
             start = lambda: trainer.global_step  # noqa: E731
             members = getattr(trainer.lightning_module, "member_seeds", None)
-            stream = BatchStream(self.sampler(), self.batch_size, self.steps_per_epoch, self.seed, start, trainer.global_rank, trainer.world_size, members)
+            sampler = self.sampler(device)
+            stream = BatchStream(sampler, self.batch_size, self.steps_per_epoch, self.seed, start, trainer.global_rank, trainer.world_size, members, device)
         # A generator of its own: each new iterator (every epoch, and on resume) would otherwise draw a
         # seed from the global torch RNG that the algorithms' sampling uses.
         return DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator())

@@ -5,10 +5,16 @@ the DataModule turns that into a `Sampler` and serves its batches: `TransitionBa
 typed dataclasses both sides import. Every batch is drawn by tensor indexing (no per-item Python loop)
 from a torch.Generator the caller seeds, so a seed fixes the sample stream. An online replay buffer or an
 offline/online mixture plugs in as another `Sampler`, without touching the algorithms.
+
+The data may live on any device (`Transitions.to`): on a GPU the columns sit in device memory and batches
+are drawn there, with a generator of that device, by the very functions the CPU uses (no host copy, no
+host synchronisation per batch). A generator's stream depends on its device type (CPU: Mersenne Twister,
+CUDA: Philox), so a seed fixes the batches of a run on one kind of device.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import warnings
@@ -96,7 +102,7 @@ def discounted_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """Σ_k γ^k r_{t+k} along the last dimension, (..., T) -> (..., T) in float64: one vector op per step over
     all leading dimensions (episodes). Rewards past an episode's end must be 0 (a truncated tail counts as 0)."""
     out = rewards.double().clone()
-    acc = torch.zeros(out.shape[:-1], dtype=torch.float64)
+    acc = torch.zeros(out.shape[:-1], dtype=torch.float64, device=out.device)
     for t in range(out.shape[-1] - 1, -1, -1):
         acc = out[..., t] + gamma * acc
         out[..., t] = acc
@@ -104,7 +110,7 @@ def discounted_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class Transitions:
-    """Flat per-transition tensors of a dataset plus its episode boundaries."""
+    """Flat per-transition tensors of a dataset plus its episode boundaries, on the CPU (`to` moves them)."""
 
     def __init__(self, columns: dict[str, np.ndarray], spec: DatasetSpec, in_memory: bool = True) -> None:
         def tensor(a: np.ndarray) -> torch.Tensor:
@@ -117,19 +123,50 @@ class Transitions:
 
         self.spec = spec
         self.columns = {k: tensor(v) for k, v in columns.items()}
-        # In memory, the transition fields are packed row-wise into one float matrix: a batch is then
-        # a single index_select (5x faster than one gather per column); the columns become views of it.
         self._packed: torch.Tensor | None = None
         if in_memory:
-            fields = [self.columns[k].reshape(len(self.columns[k]), -1).float() for k in TRANSITION_KEYS]
-            self._widths = [f.shape[1] for f in fields]
-            self._packed = torch.cat(fields, dim=1)
-            for key, view in zip(TRANSITION_KEYS, self._packed.split(self._widths, dim=1)):
-                self.columns[key] = view.reshape(self.columns[key].shape) if self.columns[key].dtype.is_floating_point else self.columns[key]
+            self._pack()
         episode_ids = self.columns["episode_ids"].long()
         self.episode_lengths = torch.bincount(episode_ids)
         self.episode_starts = torch.cumsum(self.episode_lengths, 0) - self.episode_lengths
         self._discounted: dict[float, torch.Tensor] = {}
+
+    def _pack(self) -> None:
+        """Pack the transition fields row-wise into one float matrix: a batch is then a single index_select
+        (5x faster than one gather per column); the float columns become views of it."""
+        fields = [self.columns[k].reshape(len(self.columns[k]), -1).float() for k in TRANSITION_KEYS]
+        self._widths = [f.shape[1] for f in fields]
+        self._packed = torch.cat(fields, dim=1)
+        for key, view in zip(TRANSITION_KEYS, self._packed.split(self._widths, dim=1)):
+            self.columns[key] = view.reshape(self.columns[key].shape) if self.columns[key].dtype.is_floating_point else self.columns[key]
+
+    @property
+    def device(self) -> torch.device:
+        return self.columns["rewards"].device
+
+    def nbytes(self) -> int:
+        """Bytes the data takes in memory once packed (what `to` puts on a device)."""
+        packed = sum(self.columns[k][:1].reshape(1, -1).shape[1] * 4 for k in TRANSITION_KEYS) * len(self)
+        rest = sum(v.element_size() * v.numel() for k, v in self.columns.items() if k not in TRANSITION_KEYS)
+        return packed + rest
+
+    def to(self, device: torch.device | str) -> Transitions:
+        """A copy of this data on `device`, packed for sampling: batches drawn from it with a generator of that
+        device stay there. This copy is left as it is."""
+        device = torch.device(device)
+        moved = copy.copy(self)
+        moved.columns = {k: v.to(device) for k, v in self.columns.items() if self._packed is None or k not in TRANSITION_KEYS}
+        if self._packed is None:
+            moved.columns |= {k: self.columns[k].to(device) for k in TRANSITION_KEYS}
+            moved._pack()
+        else:
+            moved._packed = self._packed.to(device)
+            for key, view in zip(TRANSITION_KEYS, moved._packed.split(self._widths, dim=1)):
+                moved.columns[key] = view.reshape(self.columns[key].shape) if self.columns[key].dtype.is_floating_point else self.columns[key].to(device)
+        moved.episode_lengths, moved.episode_starts = self.episode_lengths.to(device), self.episode_starts.to(device)
+        moved._discounted = {gamma: v.to(device) for gamma, v in self._discounted.items()}
+        moved.__dict__.pop("episode_returns", None)
+        return moved
 
     def __len__(self) -> int:
         return len(self.columns["rewards"])
@@ -144,14 +181,14 @@ class Transitions:
         the behaviour policy's value estimate that Cal-QL uses as a lower bound."""
         if gamma not in self._discounted:
             episode, step = self.columns["episode_ids"].long(), self.columns["timesteps"].long()
-            padded = torch.zeros(len(self.episode_lengths), int(self.episode_lengths.max()), dtype=torch.float64)
+            padded = torch.zeros(len(self.episode_lengths), int(self.episode_lengths.max()), dtype=torch.float64, device=self.device)
             padded[episode, step] = self.columns["rewards"].double()  # (E, T_max), zeros past each end
             self._discounted[gamma] = discounted_to_go(padded, gamma)[episode, step].float()
         return self._discounted[gamma]
 
     def sample_transitions(self, batch_size: int, generator: torch.Generator, gamma: float | None = None, rows: slice = slice(None)) -> TransitionBatch:
         """Rows `rows` of a uniform batch of (s, a, r, s', terminal); `mc_returns` too when `gamma` is given."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator)[rows]
+        idx = torch.randint(len(self), (batch_size,), generator=generator, device=self.device)[rows]
         batch_size = len(idx)
         if self._packed is not None:
             rows = self._packed.index_select(0, idx).split(self._widths, dim=1)
@@ -185,14 +222,18 @@ def sample_windows(
 
     A window starts at a uniform step of its episode and runs for up to K steps; shorter windows
     (near the episode's end) are left-padded so the newest step is always at position K-1.
+    Episode ∝ length, then a uniform start in it, is a uniform step over all the episodes' steps: one
+    uniform draw and a search in the cumulative lengths, device-side tensor ops only (no host sync).
     """
-    episodes = torch.multinomial(lengths.float(), batch_size, replacement=True, generator=generator)
-    u = torch.rand(batch_size, generator=generator)
-    episodes, u = episodes[rows], u[rows]  # this process's rows of the global batch
+    device = lengths.device
+    ends = torch.cumsum(lengths, 0)  # (E,) one past each episode's last step, counting the episodes' steps only
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)[rows]  # this process's rows
+    position = torch.minimum((u * ends[-1]).long(), ends[-1] - 1)  # uniform over every step of every episode
+    episodes = torch.searchsorted(ends, position, right=True)
     length = lengths[episodes]
-    start = (u * length).long()  # uniform in [0, len)
+    start = position - (ends[episodes] - length)  # uniform in [0, len)
     n_valid = torch.clamp(length - start, max=context_len)  # (B,)
-    offset = torch.arange(context_len) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
+    offset = torch.arange(context_len, device=device) - (context_len - n_valid)[:, None]  # (B, K), <0 on padding
     mask = offset >= 0
     idx = starts[episodes, None] + start[:, None] + offset.clamp(min=0)  # (B, K)
     c = columns
