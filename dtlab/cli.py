@@ -33,6 +33,7 @@ from dtlab.checkpoints import CheckpointError, check_hyperparameters, newest_com
 from dtlab.commands import COMMANDS, UsageError
 from dtlab.data.module import OfflineDataModule
 from dtlab.envs import trust_entry_point
+from dtlab.hub import HubError
 from dtlab.online import OnlineError
 from dtlab.spec import DatasetError
 
@@ -300,7 +301,7 @@ def shell_style(function: Callable, args: list[str]) -> list[str]:
     return out
 
 
-USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, OnlineError, UsageError, MembersError)  # DatasetError covers SpecMismatchError
+USER_ERRORS = (DatasetError, CheckpointError, DivergenceError, OnlineError, UsageError, MembersError, HubError)  # DatasetError covers SpecMismatchError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -355,7 +355,8 @@ def push(
     env_entry_point: str | None = None,
 ) -> None:
     """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
-    model-index. The token comes from --token, HF_TOKEN or `hf auth login`.
+    model-index. The token comes from --token, HF_TOKEN or `hf auth login`; it is checked with the Hub (HF_ENDPOINT)
+    before the evaluation starts.
 
         dtlab push runs/iql/version_0/checkpoints/last.ckpt --repo_id you/iql-halfcheetah-medium --eval_episodes 10
 
@@ -369,12 +370,13 @@ def push(
         video: add replay.mp4, one greedy episode rendered offscreen, to the card (needs `pip install 'dtlab[video]'`).
         env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
     """
-    from dtlab.hub import evaluate_for_card, load_model, push_to_hub
+    from dtlab.hub import evaluate_for_card, hub_user, load_model, push_to_hub
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
     trust(env_entry_point)
     model = load_model(checkpoint)
+    hub_user(token)  # a missing or refused token, or no network, before minutes of evaluation
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
     url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video)
     score = ""
@@ -437,9 +439,11 @@ def push_dataset(dataset_id: str, repo_id: str | None = None, private: bool = Fa
         token: a HuggingFace token with write access (default: the logged-in one).
     """
     from dtlab.data.convert import push_dataset as push
+    from dtlab.hub import hub_user
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push-dataset needs --repo_id USER/NAME (got {repo_id}).")
+    hub_user(token)  # a missing or refused token, or no network, before the dataset is converted and uploaded
     url = push(dataset_id, repo_id, private=private, token=token)
     print(f"pushed {dataset_id} to {repo_id} (train on it with --data.dataset_id hf:{repo_id}): {url}")
 

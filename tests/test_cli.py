@@ -155,3 +155,53 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs --dataset_id and --env" in err
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dtlab: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_push_checks_token_and_network_in_one_line_before_evaluating(pendulum_id, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+    from hub_server import HubServer
+    from test_contract import TINY
+
+    import dtlab.hub
+    from dtlab.data.module import OfflineDataModule
+
+    folder = dtlab.hub.save_pretrained(ALGORITHMS["BC"](OfflineDataModule(pendulum_id).spec, **TINY["BC"]), tmp_path / "bc")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["README.md"], modes  # the umask's mode (0644), not 0600
+    monkeypatch.setattr(dtlab.hub, "evaluate_for_card", lambda *a: pytest.fail("evaluated before the token was checked"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest's HF_HUB_OFFLINE=1, read at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no `hf auth login` token
+    push = ["push", str(folder), "--repo_id", "user/bc", "--eval_episodes", "100"]
+    with HubServer() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        assert "no HuggingFace token; pass --token, set HF_TOKEN" in one_line_error(capsys, *push)
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        assert f"{hub.url} refused the token (401)" in one_line_error(capsys, *push)
+        assert f"{hub.url} refused the token (401)" in one_line_error(capsys, "push-dataset", pendulum_id, "--repo_id", "user/pendulum")
+        assert not hub.repos and not any(r.startswith(("POST", "PUT")) for r in hub.requests), hub.requests  # nothing created or uploaded
+    refused = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", refused)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    for argv in (push, ["push-dataset", pendulum_id, "--repo_id", "user/pendulum"]):
+        assert f"checking the HuggingFace token: cannot reach the Hub at {refused} (" in one_line_error(capsys, *argv)
+    with pytest.raises(dtlab.hub.HubError, match=f"pushing to user/bc: cannot reach the Hub at {refused}"):  # the upload itself, past the check
+        dtlab.hub.push_to_hub(dtlab.hub.load_model(folder), "user/bc")
