@@ -1,6 +1,6 @@
 """dtlab's subcommands besides `fit`: typed functions that jsonargparse turns into `dtlab <name>` (cli.py).
 
-    dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+    dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --expert scripted:pendulum
     dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --episodes 20 --json true
     dtlab plot runs/iql runs/td3bc --out curves.png
 
@@ -117,7 +117,7 @@ def make_dataset(
     normalised scores. Examples:
 
         dtlab make-dataset --embedded pendulum/mixed-v0       # an embedded default (also built on first use)
-        dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+        dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --expert scripted:pendulum
         dtlab make-dataset --dataset_id halfcheetah/bc-v0 --env HalfCheetah-v5 --policy checkpoint:runs/bc/version_0/checkpoints/last.ckpt
         dtlab make-dataset --dataset_id cartpole/mine-v0 --env CartPole-v1 --policy mypkg.policies:balance
 
@@ -129,7 +129,7 @@ def make_dataset(
         noise: scripted policies: action noise std (pendulum) or random-action probability (cartpole).
         expert: a policy (same syntax) whose mean return is the 100-point reference.
         ref_min: the 0-point reference return (default: the random policy's, measured).
-        ref_max: the 100-point reference return (default: --expert's, else the recorded episodes' mean).
+        ref_max: the 100-point reference return (default: --expert's, else the recorded episodes' mean; --policy random needs one of the two).
         seed: seed of the episodes' resets and of the policies' noise.
         overwrite: replace a dataset of the same id.
         embedded: build one of dtlab's embedded datasets instead: pendulum/mixed-v0 (the default data) or pendulum/scripted-v0.
@@ -143,6 +143,11 @@ def make_dataset(
     else:
         if not (dataset_id and env):
             raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
+        if policy == "random" and expert is None and ref_max is None:  # the data's mean would be the random 0 point too
+            raise UsageError(
+                "make-dataset --policy random needs --expert POLICY or --ref_max RETURN: the default 100-point reference, the recorded "
+                "episodes' mean, would be the random policy's own return, so normalised scores would be meaningless."
+            )
         build_env(env).close()  # before any policy is loaded or episode recorded
         expert_agents = agent_factory(expert, env, 0.0, seed + 1, "--expert") if expert else None
         dataset = record_dataset(
@@ -159,9 +164,11 @@ def make_dataset(
             overwrite=overwrite,
         )
     meta = dataset.storage.metadata
+    own_mean = embedded is None and expert is None and ref_max is None
     print(
         f"{meta['dataset_id']}: {meta['total_episodes']} episodes, {meta['total_steps']} steps, "
         f"reference returns: random {meta['ref_min_score']:.1f}, expert {meta['ref_max_score']:.1f}"
+        + (" (the recorded episodes' own mean, so they score 100: --expert or --ref_max give a real expert)" if own_mean else "")
     )
 
 

@@ -112,7 +112,8 @@ def test_make_dataset_fit_evaluate_plot_chain(tmp_path, capsys):
     """The installed commands end to end: record a dataset, train on it (console script), score the checkpoint
     as JSON, plot the run's learning curves."""
     main(["make-dataset", "--dataset_id", "chain/pendulum-v0", "--env", "Pendulum-v1", "--policy", "scripted:pendulum", "--noise", "0.5", "--episodes", "6"])
-    assert "chain/pendulum-v0: 6 episodes, 1200 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "chain/pendulum-v0: 6 episodes, 1200 steps" in printed and "the recorded episodes' own mean, so they score 100" in printed
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     out = tmp_path / "runs"
@@ -155,6 +156,16 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs --dataset_id and --env" in err
+
+
+def test_random_data_needs_a_real_expert_reference(capsys):
+    """The default 100-point reference is the data's own mean: for a random policy that is the 0 point, so refuse."""
+    from dtlab.data.convert import dataset_dir
+
+    err = one_line_error(capsys, "make-dataset", "--dataset_id", "cli/random-v0", "--env", "Pendulum-v1", "--policy", "random", "--episodes", "2")
+    assert "--policy random needs --expert POLICY or --ref_max RETURN" in err and not dataset_dir("cli/random-v0").parent.exists()
+    main(["make-dataset", "--dataset_id", "cli/random-v0", "--env", "Pendulum-v1", "--policy", "random", "--episodes", "2", "--ref_max", "-150"])
+    assert "reference returns: random -1252.8, expert -150.0\n" in capsys.readouterr().out
 
 
 def closed_port() -> int:
