@@ -216,3 +216,28 @@ def test_push_checks_token_and_network_in_one_line_before_evaluating(pendulum_id
         assert f"checking the HuggingFace token: cannot reach the Hub at {refused} (" in one_line_error(capsys, *argv)
     with pytest.raises(dtlab.hub.HubError, match=f"pushing to user/bc: cannot reach the Hub at {refused}"):  # the upload itself, past the check
         dtlab.hub.push_to_hub(dtlab.hub.load_model(folder), "user/bc")
+
+
+def test_finetuning_summary_keeps_the_starting_score_apart_from_its_best(pendulum_id, tmp_path, capsys, monkeypatch):
+    """The online phase evaluates the policy it starts from before any update: when that beats every evaluation of
+    the fit, the summary says so on its own line, and "best" is the best checkpoint's evaluation, not update 0's."""
+    from test_contract import TINY
+
+    import dtlab.online
+    from dtlab.data.module import OfflineDataModule
+    from dtlab.hub import save_pretrained
+
+    pretrained = save_pretrained(ALGORITHMS["IQL"](OfflineDataModule(pendulum_id).spec, **TINY["IQL"]), tmp_path / "iql")
+    monkeypatch.setattr(dtlab.online, "evaluate_returns", lambda model, seeds, targets=None: np.full(len(seeds), 5000.0))  # the start: best
+    tiny = [arg for key, value in TINY["IQL"].items() for arg in (f"--model.init_args.{key}", str(value))]
+    run_cli(
+        ["fit", "-c", str(CONF / "finetune" / "iql.yaml"), *tiny, "--data.dataset_id", pendulum_id, "--pretrained", str(pretrained)]
+        + ["--trainer.max_steps", "4", "--data.steps_per_epoch", "2", "--data.batch_size", "16", "--evaluation.episodes", "1"]
+        + ["--trainer.callbacks.init_args.warmup_steps", "10", "--trainer.callbacks.init_args.env_steps", "4", "--runs_dir", str(tmp_path / "runs")]
+        + ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    )
+    summary = capsys.readouterr().out.split(": done\n")[1]
+    assert "start        eval/return 5000.0 (the starting policy, before any update)" in summary, summary
+    (best,) = [line for line in summary.splitlines() if line.strip().startswith("best")]
+    best_step = int(best.rsplit(" after ", 1)[1].split()[0])
+    assert best_step in (2, 4) and f"best-step={best_step}.ckpt" in summary, summary
