@@ -252,21 +252,21 @@ def evaluate(
     return result
 
 
-def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None, table: bool = False) -> None:
+def plot(runs: list[str], out: str | None = None, labels: list[str] | None = None, table: bool = False) -> None:
     """Learning curves of one or many runs from their metrics.csv: the evaluation score (normalised where the
     data has references, else the return) and every training loss, against updates. Runs that share a name
     (runs/<name>/version_N: several seeds of one config) are drawn as their mean with a ± std band.
 
-        dtlab plot runs/iql                       # every version of runs/iql, as seeds
+        dtlab plot runs/iql                       # every version of runs/iql, as seeds: learning_curves.png
         dtlab plot runs/iql runs/td3bc --out compare.png
         dtlab plot runs/iql/version_0 --labels '[IQL seed 0]'
         dtlab plot runs_on_0/iql/version_0 runs_on_1/iql/version_0 --labels '[IQL online]' --table
 
     Args:
         runs: run folders (runs/<name>/version_N), folders of versions (runs/<name>), or metrics.csv files.
-        out: the PNG to write.
+        out: the PNG to write (default: learning_curves.png; with --table, no plot unless --out is given).
         labels: legend labels, one per group (default: the run names).
-        table: also print each group's score at every evaluation its runs share (mean ± std and each run's;
+        table: print each group's score at every evaluation its runs share (mean ± std and each run's;
             online runs with the env steps collected by then) as a markdown table.
     """
     from dtlab.plots import find_metrics, plot_learning_curves, score_table
@@ -276,14 +276,17 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
         if len(labels) != len(groups):
             raise UsageError(f"--labels: {len(labels)} labels for {len(groups)} groups of runs ({', '.join(groups)}).")
         groups = dict(zip(labels, groups.values()))
-    path = plot_learning_curves(groups, out)
-    described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
-    print(f"{path}: {', '.join(described)}")
     if table:
         try:
-            print(score_table(groups))
+            scores = score_table(groups)
         except ValueError as err:
             raise UsageError(f"--table: {err}") from None
+    if out is not None or not table:
+        path = plot_learning_curves(groups, out or "learning_curves.png")
+        described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
+        print(f"{path}: {', '.join(described)}")
+    if table:
+        print(scores)
 
 
 def member(checkpoint: str, out: str | None = None, seed: int | None = None) -> list[Path]:
@@ -479,7 +482,8 @@ def import_transformers(
         state_std: observation std (default: config.json's state_std).
         return_scale: returns-to-go are divided by this (default: config.json's return_scale; 1000 for the public MuJoCo DTs).
         context_len: the context window K (default: config.json's context_len, else 20).
-        target_return: target returns to act for (the first is the primary one).
+        target_return: target returns to act for, the first the primary one (default: config.json's eval_targets, which
+            `dtlab export --format transformers` writes; the public repos state theirs in their model card).
     """
     from dtlab.export import from_transformers
     from dtlab.hub import save_pretrained

@@ -241,3 +241,35 @@ def test_finetuning_summary_keeps_the_starting_score_apart_from_its_best(pendulu
     (best,) = [line for line in summary.splitlines() if line.strip().startswith("best")]
     best_step = int(best.rsplit(" after ", 1)[1].split()[0])
     assert best_step in (2, 4) and f"best-step={best_step}.ckpt" in summary, summary
+
+
+def test_plot_table_writes_no_plot_unless_asked(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "runs" / "iql" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,eval/return,train/loss\n0,,1.0\n1,-5,0.5\n3,-3,0.25\n")
+    monkeypatch.chdir(tmp_path)
+    main(["plot", str(run), "--table"])
+    assert "| 2 | -5.0 ± 0.0 | -5.0 |" in capsys.readouterr().out and not list(tmp_path.glob("*.png"))
+    main(["plot", str(run), "--table", "--out", "curves.png"])
+    out = capsys.readouterr().out
+    assert out.startswith("curves.png: iql (1 run)") and "| 4 | -3.0 ± 0.0 | -3.0 |" in out and (tmp_path / "curves.png").is_file()
+
+
+def test_a_decision_transformer_keeps_its_targets_through_transformers(pendulum_id, tmp_path, capsys):
+    """export --format transformers, then import-transformers with no --target_return: the model's own targets."""
+    from test_contract import TINY
+
+    from dtlab.data.module import OfflineDataModule
+    from dtlab.hub import from_pretrained, save_pretrained
+
+    dt = ALGORITHMS["DecisionTransformer"](OfflineDataModule(pendulum_id).spec, **TINY["DecisionTransformer"])
+    folder = save_pretrained(dt, tmp_path / "dt")
+    main(["export", str(folder), "--out", str(tmp_path / "hf"), "--format", "transformers"])
+    main(["import-transformers", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    assert "targets [-150.0, -600.0])" in capsys.readouterr().out
+    assert from_pretrained(tmp_path / "back").eval_targets == [-150.0, -600.0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["eval_targets"]  # a public repo's config.json: its targets are in the model card
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, "import-transformers", str(tmp_path / "hf"), "--out", str(tmp_path / "public"))
+    assert "config.json does not give target_return; pass them" in err and not (tmp_path / "public").exists()
