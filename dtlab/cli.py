@@ -215,7 +215,7 @@ Train a policy from logged data (a Minari dataset) with one of dtlab's algorithm
     dtlab fit --model.help IQL                                  # one algorithm's arguments
 """
 
-OVERVIEW = """usage: dtlab <command> [options]      (dtlab <command> --help for each command's options)
+OVERVIEW = """usage: dtlab <command> [options]      (dtlab <command> --help for each command's options; dtlab --version)
 
 dtlab: offline reinforcement learning on PyTorch Lightning: learn policies from logged data (Minari datasets)
 with Decision Transformer, CQL, IQL, TD3+BC, Cal-QL or BC; score them in their environment; plot them.
@@ -238,6 +238,22 @@ Start with `dtlab fit -c conf/dt.yaml`: a Decision Transformer on the embedded P
 no download), about 3 minutes on one CPU core. Its run folder gets metrics.csv, learning_curve.png,
 return_conditioning.png and checkpoints.
 """
+
+
+def version_line() -> str:
+    """dtlab's version and its main libraries' (read from the installed metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dtlab import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    libraries = ", ".join(installed(name) for name in ("torch", "lightning", "transformers", "minari", "gymnasium"))
+    return f"dtlab {__version__} (python {sys.version.split()[0]}; {libraries})"
 
 
 def fit_description() -> str:
@@ -311,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        sys.exit(0)
     if argv == ["fit"]:
         sys.exit(
             "dtlab fit needs an algorithm: start from a config, e.g. `dtlab fit -c conf/dt.yaml` (a Decision Transformer on the\n"

@@ -106,6 +106,12 @@ def test_overview_lists_the_commands_and_refuses_unknown_ones(capsys):
     assert all(f"  {c}" in out for c in ("fit", "make-dataset", "evaluate", "plot"))
     with pytest.raises(SystemExit, match="unknown command 'predict'"):
         main(["predict"])
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    import dtlab
+
+    assert capsys.readouterr().out.startswith(f"dtlab {dtlab.__version__} (python 3.")
 
 
 def test_make_dataset_fit_evaluate_plot_chain(tmp_path, capsys):
