@@ -13,12 +13,13 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -62,6 +63,58 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdverts()
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with descriptions printed as written (examples keep their lines)."""
+
+
+def algorithm_choices() -> str:
+    return ", ".join(name if cls.run_name == name.lower() else f"{name} ({cls.run_name})" for name, cls in ALGORITHMS.items())
+
+
+def algorithm_names(args: list[str]) -> list[str]:
+    """`--model NAME` and `--model.help NAME` with NAME an algorithm in any case or its run name (iql, td3bc, dt, as
+    the configs are named) as the class name; an unknown bare name is a UsageError listing the algorithms."""
+    names = {alias.lower(): name for name, cls in ALGORITHMS.items() for alias in (name, cls.run_name)}
+
+    def resolve(option: str, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*", value):  # a class path, a config file or a YAML mapping: jsonargparse's
+            return value
+        if value.lower() not in names:
+            raise UsageError(f"{option} {value}: no such algorithm; choose one of {algorithm_choices()} (any case).")
+        return names[value.lower()]
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        option, equals, value = arg.partition("=")
+        if option in ("--model", "--model.help"):
+            if equals:
+                out[i] = f"{option}={resolve(option, value)}"
+            elif i + 1 < len(out):
+                out[i + 1] = resolve(option, out[i + 1])
+    return out
+
+
+class ArgumentParser(LightningArgumentParser):
+    """Lightning's parser; an error in --model's options is one line (a UsageError), not the usage and a union dump."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # jsonargparse's inner parsers (exit_on_error=False) raise errors it catches to try other types: leave those be
+        problem = re.search(r"class_path '(?:[\w.]+\.)?(\w+)':\s*(.*?)\n\s*- Expected a <class 'NoneType'>", message, re.S)
+        if self.exit_on_error and message.startswith('Parser key "model"') and problem:
+            raise UsageError(model_error(problem.group(1), " ".join(problem.group(2).split())))
+        super().error(message, ex)
+
+
+def model_error(algorithm: str, problem: str) -> str:
+    """One line for jsonargparse's `problem` with the options of `algorithm` (a class name)."""
+    unknown = re.fullmatch(r"Option '(\w+)' is not accepted", problem)
+    if unknown and algorithm in ALGORITHMS:
+        option = unknown.group(1)
+        others = [name for name, cls in ALGORITHMS.items() if option in inspect.signature(cls).parameters]
+        where = f" (an option of {', '.join(others)})" if others else ""
+        return f"--model.init_args.{option}: {algorithm} has no option '{option}'{where}; `dtlab fit --model.help {algorithm}` lists its options."
+    bad_value = re.fullmatch(r'Parser key "(\w+)": (.*)', problem)
+    if bad_value:
+        return f"--model.init_args.{bad_value.group(1)}: {bad_value.group(2)}"
+    return f"--model {algorithm}: {problem}; the algorithms are {algorithm_choices()}."
 
 
 class ProgressBar(TQDMProgressBar):
@@ -264,11 +317,14 @@ def fit_description() -> str:
 def run_cli(args: list[str] | None = None) -> DTLabCLI:
     """Parse `args` (default: sys.argv), instantiate and run the subcommand; returns the CLI object."""
     base = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
+    if args is None:  # from the shell: LightningCLI reads sys.argv itself
+        sys.argv[1:] = algorithm_names(sys.argv[1:])
     return DTLabCLI(
         OfflineRLModule,
         OfflineDataModule,
         subclass_mode_model=True,
-        args=args,
+        args=None if args is None else algorithm_names(args),
+        parser_class=ArgumentParser,
         auto_configure_optimizers=False,  # each algorithm builds its own optimisers (several, with schedules)
         parser_kwargs={
             "prog": "dtlab",

@@ -279,3 +279,25 @@ def test_a_decision_transformer_keeps_its_targets_through_transformers(pendulum_
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     err = one_line_error(capsys, "import-transformers", str(tmp_path / "hf"), "--out", str(tmp_path / "public"))
     assert "config.json does not give target_return; pass them" in err and not (tmp_path / "public").exists()
+
+
+@pytest.mark.parametrize("name", sorted({alias for name, cls in ALGORITHMS.items() for alias in (name, name.lower(), name.upper(), cls.run_name)}))
+def test_algorithm_names_are_case_insensitive(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--model", name, "--print_config"])
+    assert info.value.code == 0
+    import yaml
+
+    algorithm = yaml.safe_load(capsys.readouterr().out)["model"]["class_path"].rsplit(".", 1)[1]
+    assert algorithm in ALGORITHMS and name.lower() in (algorithm.lower(), ALGORITHMS[algorithm].run_name)
+
+
+def test_model_errors_are_one_line_with_the_choices(capsys):
+    err = one_line_error(capsys, "fit", "--model", "iqll", "--data.dataset_id", "x/y-v0")
+    assert "--model iqll: no such algorithm; choose one of " in err and all(name in err for name in ALGORITHMS)
+    err = one_line_error(capsys, "fit", "--model", "dtlab.algos.Nope")
+    assert "no attribute 'Nope'" in err and all(name in err for name in ALGORITHMS)
+    err = one_line_error(capsys, "fit", "-c", str(CONF / "dt.yaml"), "--model.init_args.seeds", "[0, 1]")
+    assert "--model.init_args.seeds: DecisionTransformer has no option 'seeds' (an option of BC, TD3BC, IQL, CQL, CalQL)" in err
+    err = one_line_error(capsys, "fit", "--model", "iql", "--model.init_args.expectile", "high")
+    assert "--model.init_args.expectile: Expected a <class 'float'>. Got value: high" in err
