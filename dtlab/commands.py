@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from dtlab.envs import Agent
+if TYPE_CHECKING:  # each command imports what it runs: `dtlab <command> --help` imports no torch
+    from dtlab.envs import Agent
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -200,6 +200,8 @@ def evaluate(
         env_entry_point: build the environment from this entry point (module:Class) when its id is not in gymnasium's
             registry; an entry point stored in the checkpoint is never imported unless named here.
     """
+    import torch
+
     from dtlab.callbacks import evaluate_returns, return_summary
     from dtlab.hub import load_model
 
