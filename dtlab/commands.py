@@ -7,7 +7,8 @@
 Each function's docstring is its `--help`; its signature is its options.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: jsonargparse evaluates postponed annotations with the module's
+# TYPE_CHECKING imports executed, which would import dtlab.envs (torch, gymnasium) for every `dtlab <command> --help`.
 
 import importlib
 import json as jsonlib
@@ -20,12 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # each command imports what it runs: `dtlab <command> --help` imports no torch
-    from dtlab.envs import Agent
-
-if TYPE_CHECKING:
     import gymnasium as gym
 
     from dtlab.data.recording import Policy
+    from dtlab.envs import Agent
 
 
 class UsageError(ValueError):
@@ -43,7 +42,7 @@ def trust(env_entry_point: str | None) -> None:
 POLICY_SYNTAX = "random | scripted:pendulum | scripted:cartpole | checkpoint:PATH | module:function"
 
 
-def build_env(env_id: str) -> gym.Env:
+def build_env(env_id: str) -> "gym.Env":
     """`--env` as a gymnasium environment, or one line saying why it cannot be built."""
     import gymnasium as gym
 
@@ -57,7 +56,7 @@ def build_env(env_id: str) -> gym.Env:
         ) from None
 
 
-def user_policy(policy: str, option: str = "--policy") -> Policy:
+def user_policy(policy: str, option: str = "--policy") -> "Policy":
     """The function of a `module:function` policy string, or one line saying what is missing."""
     module_name, _, name = policy.partition(":")
     try:
@@ -70,7 +69,7 @@ def user_policy(policy: str, option: str = "--policy") -> Policy:
     return function
 
 
-def agent_factory(policy: str, env_id: str, noise: float, seed: int, option: str = "--policy") -> Callable[[int], Agent]:
+def agent_factory(policy: str, env_id: str, noise: float, seed: int, option: str = "--policy") -> Callable[[int], "Agent"]:
     """The agent of one policy string (`option`'s value, see POLICY_SYNTAX), per episode index."""
     from dtlab.data.recording import SCRIPTED, PolicyAgent, random_policy
 
