@@ -93,28 +93,34 @@ def algorithm_names(args: list[str]) -> list[str]:
 
 
 class ArgumentParser(LightningArgumentParser):
-    """Lightning's parser; an error in --model's options is one line (a UsageError), not the usage and a union dump."""
+    """Lightning's parser; an error in --model or its options is one line (a UsageError), not the usage and a union dump."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # jsonargparse's inner parsers (exit_on_error=False) raise errors it catches to try other types: leave those be
-        problem = re.search(r"class_path '(?:[\w.]+\.)?(\w+)':\s*(.*?)\n\s*- Expected a <class 'NoneType'>", message, re.S)
-        if self.exit_on_error and message.startswith('Parser key "model"') and problem:
-            raise UsageError(model_error(problem.group(1), " ".join(problem.group(2).split())))
+        if self.exit_on_error and message.startswith(('Parser key "model"', "--model.help")):
+            raise UsageError(model_error(message))
         super().error(message, ex)
 
 
-def model_error(algorithm: str, problem: str) -> str:
-    """One line for jsonargparse's `problem` with the options of `algorithm` (a class name)."""
-    unknown = re.fullmatch(r"Option '(\w+)' is not accepted", problem)
+def model_error(message: str) -> str:
+    """jsonargparse's error about --model as one line: the option at fault, what is wrong, the choices."""
+    problem = re.search(r"class_path '(?:[\w.]+\.)?(\w+)':\s*(.*?)\n\s*- Expected a <class 'NoneType'>", message, re.S)
+    algorithm, detail = (problem.group(1), " ".join(problem.group(2).split())) if problem else ("", "")
+    unknown = re.fullmatch(r"Option '(\w+)' is not accepted", detail)
     if unknown and algorithm in ALGORITHMS:
         option = unknown.group(1)
         others = [name for name, cls in ALGORITHMS.items() if option in inspect.signature(cls).parameters]
         where = f" (an option of {', '.join(others)})" if others else ""
         return f"--model.init_args.{option}: {algorithm} has no option '{option}'{where}; `dtlab fit --model.help {algorithm}` lists its options."
-    bad_value = re.fullmatch(r'Parser key "(\w+)": (.*)', problem)
+    bad_value = re.fullmatch(r'Parser key "(\w+)": (.*)', detail)
     if bad_value:
         return f"--model.init_args.{bad_value.group(1)}: {bad_value.group(2)}"
-    return f"--model {algorithm}: {problem}; the algorithms are {algorithm_choices()}."
+    given = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(r"Given value: (.+)", message)
+    what = f"--model {given.group(1)}: " if given else message.splitlines()[0].rstrip(":") + ": "
+    return (
+        f"{what}{detail or 'not an algorithm'}; the algorithms are {algorithm_choices()} "
+        "(any case on the command line; class_path: dtlab.algos.<Name> in a config)."
+    )
 
 
 class ProgressBar(TQDMProgressBar):

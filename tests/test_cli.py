@@ -292,11 +292,13 @@ def test_algorithm_names_are_case_insensitive(name, capsys):
     assert algorithm in ALGORITHMS and name.lower() in (algorithm.lower(), ALGORITHMS[algorithm].run_name)
 
 
-def test_model_errors_are_one_line_with_the_choices(capsys):
+def test_model_errors_are_one_line_with_the_choices(tmp_path, capsys):
     err = one_line_error(capsys, "fit", "--model", "iqll", "--data.dataset_id", "x/y-v0")
     assert "--model iqll: no such algorithm; choose one of " in err and all(name in err for name in ALGORITHMS)
-    err = one_line_error(capsys, "fit", "--model", "dtlab.algos.Nope")
-    assert "no attribute 'Nope'" in err and all(name in err for name in ALGORITHMS)
+    (tmp_path / "lower.yaml").write_text("model:\n  class_path: iql\n")
+    for argv in (["--model", "dtlab.algos.Nope"], ["--model.help", "dtlab.algos.Nope"], ["-c", str(tmp_path / "lower.yaml")]):
+        err = one_line_error(capsys, "fit", *argv)
+        assert ("no attribute 'Nope'" in err or "--model iql: not an algorithm" in err) and all(name in err for name in ALGORITHMS), err
     err = one_line_error(capsys, "fit", "-c", str(CONF / "dt.yaml"), "--model.init_args.seeds", "[0, 1]")
     assert "--model.init_args.seeds: DecisionTransformer has no option 'seeds' (an option of BC, TD3BC, IQL, CQL, CalQL)" in err
     err = one_line_error(capsys, "fit", "--model", "iql", "--model.init_args.expectile", "high")
