@@ -142,12 +142,12 @@ def make_dataset(
     else:
         if not (dataset_id and env):
             raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
+        build_env(env).close()  # before any policy is loaded or episode recorded
         if policy == "random" and expert is None and ref_max is None:  # the data's mean would be the random 0 point too
             raise UsageError(
                 "make-dataset --policy random needs --expert POLICY or --ref_max RETURN: the default 100-point reference, the recorded "
                 "episodes' mean, would be the random policy's own return, so normalised scores would be meaningless."
             )
-        build_env(env).close()  # before any policy is loaded or episode recorded
         expert_agents = agent_factory(expert, env, 0.0, seed + 1, "--expert") if expert else None
         dataset = record_dataset(
             dataset_id,
