@@ -71,34 +71,28 @@ def algorithm_choices() -> str:
 
 def algorithm_names(args: list[str]) -> list[str]:
     """`--model NAME` and `--model.help NAME` with NAME an algorithm in any case or its run name (iql, td3bc, dt, as
-    the configs are named) as the class name; an unknown bare name is a UsageError listing the algorithms."""
+    the configs are named) as the class name; anything else is left to the parser (ArgumentParser.error)."""
     names = {alias.lower(): name for name, cls in ALGORITHMS.items() for alias in (name, cls.run_name)}
-
-    def resolve(option: str, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_]\w*", value):  # a class path, a config file or a YAML mapping: jsonargparse's
-            return value
-        if value.lower() not in names:
-            raise UsageError(f"{option} {value}: no such algorithm; choose one of {algorithm_choices()} (any case).")
-        return names[value.lower()]
-
     out = list(args)
     for i, arg in enumerate(out):
         option, equals, value = arg.partition("=")
         if option in ("--model", "--model.help"):
             if equals:
-                out[i] = f"{option}={resolve(option, value)}"
+                out[i] = f"{option}={names.get(value.lower(), value)}"
             elif i + 1 < len(out):
-                out[i + 1] = resolve(option, out[i + 1])
+                out[i + 1] = names.get(out[i + 1].lower(), out[i + 1])
     return out
 
 
 class ArgumentParser(LightningArgumentParser):
-    """Lightning's parser; an error in --model or its options is one line (a UsageError), not the usage and a union dump."""
+    """Lightning's parser; an error in --model or its options is one line (exit status 2, as any other parse error),
+    not the usage and a union dump."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # jsonargparse's inner parsers (exit_on_error=False) raise errors it catches to try other types: leave those be
         if self.exit_on_error and message.startswith(('Parser key "model"', "--model.help")):
-            raise UsageError(model_error(message))
+            print(f"dtlab: error: {model_error(message)}", file=sys.stderr)
+            self.exit(2)
         super().error(message, ex)
 
 
@@ -116,7 +110,8 @@ def model_error(message: str) -> str:
     if bad_value:
         return f"--model.init_args.{bad_value.group(1)}: {bad_value.group(2)}"
     given = re.search(r"Expected a dot import path string: (\S+)", message) or re.search(r"Given value: (.+)", message)
-    what = f"--model {given.group(1)}: " if given else message.splitlines()[0].rstrip(":") + ": "
+    option = "--model.help" if message.startswith("--model.help") else "--model"
+    what = f"{option} {given.group(1)}: " if given else message.splitlines()[0].rstrip(":") + ": "
     return (
         f"{what}{detail or 'not an algorithm'}; the algorithms are {algorithm_choices()} "
         "(any case on the command line; class_path: dtlab.algos.<Name> in a config)."
