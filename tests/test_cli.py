@@ -307,3 +307,18 @@ def test_model_errors_are_one_line_with_the_choices(tmp_path, capsys):
     assert "--model.init_args.seeds: DecisionTransformer has no option 'seeds' (an option of BC, TD3BC, IQL, CQL, CalQL)" in err
     err = one_line_error(capsys, "fit", "--model", "iql", "--model.init_args.expectile", "high", code=2)
     assert "--model.init_args.expectile: Expected a <class 'float'>. Got value: high" in err
+
+
+def test_help_and_version_import_neither_torch_nor_lightning():
+    """The overview, --version and every command's --help (fit's aside: it is LightningCLI's) load no torch,
+    Lightning, transformers, gymnasium or matplotlib: they start in well under 2 s."""
+    script = (
+        "import sys\nfrom dtlab.cli import main\nfrom dtlab.commands import COMMANDS\n"
+        "for argv in (['--help'], ['--version'], *([command, '--help'] for command in COMMANDS)):\n"
+        "    try:\n        main(argv)\n    except SystemExit as exit:\n        assert exit.code == 0, argv\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers', 'gymnasium', 'matplotlib'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "usage: dtlab <command>" in out.stdout and "usage: dtlab plot" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
