@@ -190,15 +190,7 @@ def from_transformers(
     return_scale = return_scale or getattr(cfg, "return_scale", None)
     eval_targets = eval_targets or getattr(cfg, "eval_targets", None)
     missing = [
-        name
-        for name, value in (
-            ("env_id", env_id),
-            ("state_mean", state_mean),
-            ("state_std", state_std),
-            ("return_scale", return_scale),
-            ("target_return", eval_targets),
-        )
-        if value is None
+        name for name, value in (("env_id", env_id), ("state_mean", state_mean), ("state_std", state_std), ("return_scale", return_scale)) if value is None
     ]
     if missing:
         raise ValueError(f"{directory}: config.json does not give {', '.join(missing)}; pass them (the public DT repos state them in their model card).")
@@ -211,6 +203,8 @@ def from_transformers(
     if low is None or high is None:
         space = gym.make(env_spec.id).action_space
         low, high = space.low.tolist(), space.high.tolist()
+    if eval_targets is None:
+        raise ValueError(f"{directory}: config.json does not give eval_targets; pass --target_return (the public DT repos state theirs in their model card).")
     targets = [float(t) for t in eval_targets]
     spec = DatasetSpec(
         dataset_id=f"transformers:{Path(directory).name}",

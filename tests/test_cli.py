@@ -279,7 +279,7 @@ def test_a_decision_transformer_keeps_its_targets_through_transformers(pendulum_
     del config["eval_targets"]  # a public repo's config.json: its targets are in the model card
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     err = one_line_error(capsys, "import-transformers", str(tmp_path / "hf"), "--out", str(tmp_path / "public"))
-    assert "config.json does not give target_return; pass them" in err and not (tmp_path / "public").exists()
+    assert "config.json does not give eval_targets; pass --target_return" in err and not (tmp_path / "public").exists()
 
 
 @pytest.mark.parametrize("name", sorted({alias for name, cls in ALGORITHMS.items() for alias in (name, name.lower(), name.upper(), cls.run_name)}))
