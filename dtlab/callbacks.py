@@ -319,10 +319,14 @@ class RunReport(Callback):
         history = read_metrics(csv) if csv is not None else {}
         if "online/env_steps" in history:  # an online fine-tuning run
             lines.append(f"online       {int(history['online/env_steps'][1][-1])} env steps collected (any warm-up included)")
-        if "eval/return" in history and len(history["eval/return"][0]) > 1:
+        if "eval/return" in history:
             steps, values = history["eval/return"]
-            best = int(np.argmax(values))
-            lines.append(f"best         eval/return {values[best]:.1f} after {int(steps[best])} updates")
+            if steps[0] == 0:  # an online phase's evaluation of the policy it starts from: not this fit's, and no checkpoint of it
+                lines.insert(1, f"start        eval/return {values[0]:.1f} (the starting policy, before any update)")
+                steps, values = steps[1:], values[1:]
+            if len(steps) > 1:  # the best of this fit's evaluations, the one the best checkpoint holds
+                best = int(np.argmax(values))
+                lines.append(f"best         eval/return {values[best]:.1f} after {int(steps[best])} updates")
         checkpoints = [cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path]
         checkpoints += [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path]
         if checkpoints:

@@ -1,31 +1,32 @@
 """dtlab's subcommands besides `fit`: typed functions that jsonargparse turns into `dtlab <name>` (cli.py).
 
-    dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+    dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --expert scripted:pendulum
     dtlab evaluate runs/iql/version_0/checkpoints/last.ckpt --episodes 20 --json true
     dtlab plot runs/iql runs/td3bc --out curves.png
 
 Each function's docstring is its `--help`; its signature is its options.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: jsonargparse evaluates postponed annotations with the module's
+# TYPE_CHECKING imports executed, which would import dtlab.envs (torch, gymnasium) for every `dtlab <command> --help`.
 
 import importlib
+import inspect
 import json as jsonlib
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from dtlab.envs import Agent
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each command imports what it runs: `dtlab <command> --help` imports no torch
     import gymnasium as gym
 
     from dtlab.data.recording import Policy
+    from dtlab.envs import Agent
 
 
 class UsageError(ValueError):
@@ -43,7 +44,7 @@ def trust(env_entry_point: str | None) -> None:
 POLICY_SYNTAX = "random | scripted:pendulum | scripted:cartpole | checkpoint:PATH | module:function"
 
 
-def build_env(env_id: str) -> gym.Env:
+def build_env(env_id: str) -> "gym.Env":
     """`--env` as a gymnasium environment, or one line saying why it cannot be built."""
     import gymnasium as gym
 
@@ -57,7 +58,7 @@ def build_env(env_id: str) -> gym.Env:
         ) from None
 
 
-def user_policy(policy: str, option: str = "--policy") -> Policy:
+def user_policy(policy: str, option: str = "--policy") -> "Policy":
     """The function of a `module:function` policy string, or one line saying what is missing."""
     module_name, _, name = policy.partition(":")
     try:
@@ -70,7 +71,7 @@ def user_policy(policy: str, option: str = "--policy") -> Policy:
     return function
 
 
-def agent_factory(policy: str, env_id: str, noise: float, seed: int, option: str = "--policy") -> Callable[[int], Agent]:
+def agent_factory(policy: str, env_id: str, noise: float, seed: int, option: str = "--policy") -> Callable[[int], "Agent"]:
     """The agent of one policy string (`option`'s value, see POLICY_SYNTAX), per episode index."""
     from dtlab.data.recording import SCRIPTED, PolicyAgent, random_policy
 
@@ -117,7 +118,7 @@ def make_dataset(
     normalised scores. Examples:
 
         dtlab make-dataset --embedded pendulum/mixed-v0       # an embedded default (also built on first use)
-        dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --episodes 100
+        dtlab make-dataset --dataset_id pendulum/random-v0 --env Pendulum-v1 --policy random --expert scripted:pendulum
         dtlab make-dataset --dataset_id halfcheetah/bc-v0 --env HalfCheetah-v5 --policy checkpoint:runs/bc/version_0/checkpoints/last.ckpt
         dtlab make-dataset --dataset_id cartpole/mine-v0 --env CartPole-v1 --policy mypkg.policies:balance
 
@@ -129,7 +130,7 @@ def make_dataset(
         noise: scripted policies: action noise std (pendulum) or random-action probability (cartpole).
         expert: a policy (same syntax) whose mean return is the 100-point reference.
         ref_min: the 0-point reference return (default: the random policy's, measured).
-        ref_max: the 100-point reference return (default: --expert's, else the recorded episodes' mean).
+        ref_max: the 100-point reference return (default: --expert's, else the recorded episodes' mean; --policy random needs one of the two).
         seed: seed of the episodes' resets and of the policies' noise.
         overwrite: replace a dataset of the same id.
         embedded: build one of dtlab's embedded datasets instead: pendulum/mixed-v0 (the default data) or pendulum/scripted-v0.
@@ -144,6 +145,11 @@ def make_dataset(
         if not (dataset_id and env):
             raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
         build_env(env).close()  # before any policy is loaded or episode recorded
+        if policy == "random" and expert is None and ref_max is None:  # the data's mean would be the random 0 point too
+            raise UsageError(
+                "make-dataset --policy random needs --expert POLICY or --ref_max RETURN: the default 100-point reference, the recorded "
+                "episodes' mean, would be the random policy's own return, so normalised scores would be meaningless."
+            )
         expert_agents = agent_factory(expert, env, 0.0, seed + 1, "--expert") if expert else None
         dataset = record_dataset(
             dataset_id,
@@ -159,9 +165,11 @@ def make_dataset(
             overwrite=overwrite,
         )
     meta = dataset.storage.metadata
+    own_mean = embedded is None and expert is None and ref_max is None
     print(
         f"{meta['dataset_id']}: {meta['total_episodes']} episodes, {meta['total_steps']} steps, "
         f"reference returns: random {meta['ref_min_score']:.1f}, expert {meta['ref_max_score']:.1f}"
+        + (" (the recorded episodes' own mean, so they score 100: --expert or --ref_max give a real expert)" if own_mean else "")
     )
 
 
@@ -193,6 +201,8 @@ def evaluate(
         env_entry_point: build the environment from this entry point (module:Class) when its id is not in gymnasium's
             registry; an entry point stored in the checkpoint is never imported unless named here.
     """
+    import torch
+
     from dtlab.callbacks import evaluate_returns, return_summary
     from dtlab.hub import load_model
 
@@ -245,21 +255,21 @@ def evaluate(
     return result
 
 
-def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | None = None, table: bool = False) -> None:
+def plot(runs: list[str], out: str | None = None, labels: list[str] | None = None, table: bool = False) -> None:
     """Learning curves of one or many runs from their metrics.csv: the evaluation score (normalised where the
     data has references, else the return) and every training loss, against updates. Runs that share a name
     (runs/<name>/version_N: several seeds of one config) are drawn as their mean with a ± std band.
 
-        dtlab plot runs/iql                       # every version of runs/iql, as seeds
+        dtlab plot runs/iql                       # every version of runs/iql, as seeds: learning_curves.png
         dtlab plot runs/iql runs/td3bc --out compare.png
         dtlab plot runs/iql/version_0 --labels '[IQL seed 0]'
         dtlab plot runs_on_0/iql/version_0 runs_on_1/iql/version_0 --labels '[IQL online]' --table
 
     Args:
         runs: run folders (runs/<name>/version_N), folders of versions (runs/<name>), or metrics.csv files.
-        out: the PNG to write.
+        out: the PNG to write (default: learning_curves.png; with --table, no plot unless --out is given).
         labels: legend labels, one per group (default: the run names).
-        table: also print each group's score at every evaluation its runs share (mean ± std and each run's;
+        table: print each group's score at every evaluation its runs share (mean ± std and each run's;
             online runs with the env steps collected by then) as a markdown table.
     """
     from dtlab.plots import find_metrics, plot_learning_curves, score_table
@@ -269,14 +279,17 @@ def plot(runs: list[str], out: str = "learning_curves.png", labels: list[str] | 
         if len(labels) != len(groups):
             raise UsageError(f"--labels: {len(labels)} labels for {len(groups)} groups of runs ({', '.join(groups)}).")
         groups = dict(zip(labels, groups.values()))
-    path = plot_learning_curves(groups, out)
-    described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
-    print(f"{path}: {', '.join(described)}")
     if table:
         try:
-            print(score_table(groups))
+            scores = score_table(groups)
         except ValueError as err:
             raise UsageError(f"--table: {err}") from None
+    if out is not None or not table:
+        path = plot_learning_curves(groups, out or "learning_curves.png")
+        described = [f"{name} ({len(files)} run{'s' if len(files) > 1 else ''})" for name, files in groups.items()]
+        print(f"{path}: {', '.join(described)}")
+    if table:
+        print(scores)
 
 
 def member(checkpoint: str, out: str | None = None, seed: int | None = None) -> list[Path]:
@@ -355,7 +368,8 @@ def push(
     env_entry_point: str | None = None,
 ) -> None:
     """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
-    model-index. The token comes from --token, HF_TOKEN or `hf auth login`.
+    model-index. The token comes from --token, HF_TOKEN or `hf auth login`; it is checked with the Hub (HF_ENDPOINT)
+    before the evaluation starts.
 
         dtlab push runs/iql/version_0/checkpoints/last.ckpt --repo_id you/iql-halfcheetah-medium --eval_episodes 10
 
@@ -369,12 +383,13 @@ def push(
         video: add replay.mp4, one greedy episode rendered offscreen, to the card (needs `pip install 'dtlab[video]'`).
         env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
     """
-    from dtlab.hub import evaluate_for_card, load_model, push_to_hub
+    from dtlab.hub import evaluate_for_card, hub_user, load_model, push_to_hub
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
     trust(env_entry_point)
     model = load_model(checkpoint)
+    hub_user(token)  # a missing or refused token, or no network, before minutes of evaluation
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
     url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video)
     score = ""
@@ -437,9 +452,11 @@ def push_dataset(dataset_id: str, repo_id: str | None = None, private: bool = Fa
         token: a HuggingFace token with write access (default: the logged-in one).
     """
     from dtlab.data.convert import push_dataset as push
+    from dtlab.hub import hub_user
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push-dataset needs --repo_id USER/NAME (got {repo_id}).")
+    hub_user(token)  # a missing or refused token, or no network, before the dataset is converted and uploaded
     url = push(dataset_id, repo_id, private=private, token=token)
     print(f"pushed {dataset_id} to {repo_id} (train on it with --data.dataset_id hf:{repo_id}): {url}")
 
@@ -468,7 +485,8 @@ def import_transformers(
         state_std: observation std (default: config.json's state_std).
         return_scale: returns-to-go are divided by this (default: config.json's return_scale; 1000 for the public MuJoCo DTs).
         context_len: the context window K (default: config.json's context_len, else 20).
-        target_return: target returns to act for (the first is the primary one).
+        target_return: target returns to act for, the first the primary one (default: config.json's eval_targets, which
+            `dtlab export --format transformers` writes; the public repos state theirs in their model card).
     """
     from dtlab.export import from_transformers
     from dtlab.hub import save_pretrained
@@ -546,6 +564,129 @@ def scale(
         print(f"  {plot_path}")
 
 
+def ope(
+    policies: list[str],
+    dataset_id: str | None = None,
+    updates: int = 20000,
+    batch_size: int = 100,
+    fqe: dict[str, Any] | None = None,
+    true_episodes: int = 0,
+    out: str | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    threads: int = 1,
+    env_entry_point: str | None = None,
+) -> dict[str, Any]:
+    """Off-policy evaluation: estimate how well each policy would do from a dataset alone, by Fitted Q Evaluation
+    (dtlab.ope.FQE; Le et al. 2019, as d3rlpy's and the DOPE benchmark's). No environment is needed; where the data
+    names one, `--true_episodes N` also rolls each policy out, and the table scores the estimator over the pool
+    (Spearman rank correlation, regret@1, mean absolute error: DOPE's metrics).
+
+        dtlab ope runs/iql/version_0/checkpoints/last.ckpt runs/bc/version_0/checkpoints/last.ckpt --dataset_id walker2d/medium-v0
+        dtlab ope models/iql-walker user/td3bc-walker --dataset_id walker2d/medium-v0 --true_episodes 10 --out ope/
+        dtlab ope runs/td3bc/version_0/checkpoints/last.ckpt --dataset_id hf:you/clinic-v0 --fqe '{discount: 0.995, hidden_dims: [512, 512]}'
+
+    The estimate is the γ-discounted value of the data's initial states, mean_s0 Q(s0, π(s0)) ± a 95% bootstrap interval
+    over those states; it is also shown as an episode return, (1 − γ) · H · value with H the episode length (exact for a
+    constant reward per step over full-length episodes), and its normalised score. OUT/ope.json holds every number;
+    OUT/ope.png plots estimate against truth when there are true returns.
+
+    Args:
+        policies: checkpoints (.ckpt), model folders or Hub repo ids of stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL).
+        dataset_id: the data to evaluate on (a Minari id, a mixture a+b, or hf:USER/NAME), of the policies' spaces.
+        updates: FQE updates per policy (batches of --batch_size transitions).
+        batch_size: transitions per update (d3rlpy's FQE: 100).
+        fqe: FQE's arguments besides the policy (dtlab.ope.FQE), e.g. '{discount: 0.995, target_update_interval: 1, tau: 0.005}'.
+        true_episodes: also roll each policy out for this many episodes in the data's environment (0: none).
+        out: folder to write ope.json (and ope.png) into.
+        seed: seeds FQE's critics, the batch stream and the bootstrap; rollout episode i is reset with seed + i.
+        accelerator: where FQE trains (Lightning's names: auto, cpu, gpu).
+        threads: torch CPU threads.
+        env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
+    """
+    import torch
+
+    from dtlab.data.module import OfflineDataModule
+    from dtlab.ope import FQE, fit_fqe, initial_observations, load_policies, plot_estimates, pool_metrics, rollout_returns, short_name, table
+
+    if not policies:
+        raise UsageError("ope needs at least one policy: a checkpoint, a model folder or a Hub repo id.")
+    if dataset_id is None:
+        raise UsageError("ope needs --dataset_id ID, the data to evaluate the policies on.")
+    if updates < 1 or batch_size < 1 or true_episodes < 0:
+        raise UsageError(f"--updates and --batch_size must be >= 1 and --true_episodes >= 0, got {updates}, {batch_size} and {true_episodes}.")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out}: a file is there; give a folder for ope.json and ope.png.")
+    fqe_args = dict(fqe or {})
+    allowed = [p for p in inspect.signature(FQE).parameters if p not in ("spec", "policy")]
+    unknown = sorted(set(fqe_args) - set(allowed))
+    if unknown:
+        raise UsageError(f"--fqe: FQE takes no {', '.join(unknown)}; its arguments are {', '.join(allowed)}.")
+    torch.set_num_threads(threads)
+    trust(env_entry_point)
+
+    datamodule = OfflineDataModule(dataset_id, batch_size=batch_size, steps_per_epoch=updates, seed=seed)
+    spec = datamodule.transitions.spec
+    if true_episodes > 0:
+        if spec.env_spec is None:
+            raise UsageError(f"--true_episodes {true_episodes}: dataset '{spec.dataset_id}' names no environment to roll the policies out in; use 0.")
+        from dtlab.envs import make_vector_env
+
+        make_vector_env(spec, 1).close()  # a missing environment fails now, not after the fits
+    models = load_policies(policies, spec)
+    try:  # bad values fail before any fit
+        hyperparameters = {k: v for k, v in FQE(spec.to_dict(), models[0].policy, **fqe_args).hparams.items() if k != "spec"}
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--fqe: {err}") from None
+    starts = initial_observations(datamodule.transitions.columns)
+    if len(starts) == 0:
+        raise UsageError(f"Dataset '{spec.dataset_id}' holds no episode start (timestep 0): FQE estimates the value of the initial states.")
+    progress = sys.stderr.isatty()
+    # No policy's discounted value can leave [min(0, r_min), max(0, r_max)] / (1 − γ) on these rewards: an estimate
+    # outside diverged (FQE's known failure for a policy that leaves the data's support; see the README).
+    rewards = datamodule.transitions.columns["rewards"]
+    reachable = [min(0.0, float(rewards.min())) / (1.0 - hyperparameters["discount"]), max(0.0, float(rewards.max())) / (1.0 - hyperparameters["discount"])]
+
+    rows = []
+    for i, (source, model) in enumerate(zip(policies, models)):
+        if progress:
+            print(f"FQE {i + 1}/{len(models)}: {source}", file=sys.stderr)
+        torch.manual_seed(seed)
+        estimator = fit_fqe(FQE(spec.to_dict(), model.policy, **fqe_args), datamodule, updates, progress, accelerator)
+        row = {"policy": str(source), "name": short_name(source), "algorithm": type(model).__name__, "fqe": estimator.estimate(starts, seed=seed)}
+        row["fqe"]["reachable"] = reachable[0] <= row["fqe"]["value"] <= reachable[1]
+        if true_episodes > 0:
+            returns, discounted = rollout_returns(model, range(seed, seed + true_episodes), estimator.hparams.discount)
+            from dtlab.callbacks import return_summary
+
+            row["true"] = {"episodes": true_episodes, "discounted_return_mean": float(discounted.mean())} | return_summary(returns, spec)
+        rows.append(row)
+        del estimator
+
+    result = {
+        "dataset_id": spec.dataset_id,
+        "updates": updates,
+        "batch_size": batch_size,
+        "seed": seed,
+        "fqe": hyperparameters,
+        "reachable_values": reachable,
+        "policies": rows,
+        "pool": pool_metrics(rows),
+    }
+    print(table(result))
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "ope.json.tmp"
+        tmp.write_text(jsonlib.dumps(result, indent=2, default=list))
+        os.replace(tmp, folder / "ope.json")
+        written = [folder / "ope.json"]
+        if any("true" in r for r in rows):
+            written.append(plot_estimates(rows, folder / "ope.png", spec, result["fqe"]["discount"]))
+        print("wrote " + ", ".join(map(str, written)))
+    return result
+
+
 COMMANDS: dict[str, Callable] = {
     "make-dataset": make_dataset,
     "evaluate": evaluate,
@@ -557,5 +698,5 @@ COMMANDS: dict[str, Callable] = {
     "push-dataset": push_dataset,
     "import-transformers": import_transformers,
     "scale": scale,
-    "ope": importlib.import_module("dtlab.ope").ope,
+    "ope": ope,
 }

@@ -124,7 +124,8 @@ def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:
     """A continuous-action DT as a folder `transformers.DecisionTransformerModel.from_pretrained` loads, in the layout
     of the public `edbeeching/decision-transformer-gym-*` repos, with what acting needs beside the weights added to
     config.json: `state_mean`, `state_std` (feed `(s - state_mean) / state_std`), `return_scale` (feed returns-to-go
-    divided by it), `action_low` / `action_high` (the model's tanh outputs map linearly onto them), and the env id.
+    divided by it), `action_low` / `action_high` (the model's tanh outputs map linearly onto them), the env id and
+    the target returns it is evaluated at (`eval_targets`).
     Actions fed back into the model are in the same [-1, 1] units as its outputs."""
     if not isinstance(model, DecisionTransformer) or model.spec.discrete:
         raise ValueError("transformers' DecisionTransformerModel has continuous (tanh) actions only: export a continuous-action DecisionTransformer.")
@@ -140,6 +141,7 @@ def to_transformers(model: DecisionTransformer, directory: str | Path) -> Path:
         "env_id": (spec.env_spec or {}).get("id"),
         "dtlab_dataset_id": spec.dataset_id,
         "context_len": policy.context_len,
+        "eval_targets": [float(t) for t in model.eval_targets],
     }
     from transformers.utils import logging as hf_logging
 
@@ -165,7 +167,7 @@ def from_transformers(
 ) -> DecisionTransformer:
     """A `transformers.DecisionTransformerModel` folder (the public `edbeeching/decision-transformer-gym-*` layout, or
     one `to_transformers` wrote) as a dtlab DecisionTransformer, to evaluate or fine-tune. What the public repos keep
-    outside config.json (state mean/std, the return scale, the env) comes from the arguments where config.json lacks it;
+    outside config.json (state mean/std, the return scale, the env, the target returns) comes from the arguments where config.json lacks it;
     the action box from config.json or the env."""
     import gymnasium as gym
     from transformers import DecisionTransformerModel
@@ -186,6 +188,7 @@ def from_transformers(
     state_mean = state_mean if state_mean is not None else getattr(cfg, "state_mean", None)
     state_std = state_std if state_std is not None else getattr(cfg, "state_std", None)
     return_scale = return_scale or getattr(cfg, "return_scale", None)
+    eval_targets = eval_targets or getattr(cfg, "eval_targets", None)
     missing = [
         name for name, value in (("env_id", env_id), ("state_mean", state_mean), ("state_std", state_std), ("return_scale", return_scale)) if value is None
     ]
@@ -200,7 +203,9 @@ def from_transformers(
     if low is None or high is None:
         space = gym.make(env_spec.id).action_space
         low, high = space.low.tolist(), space.high.tolist()
-    targets = list(eval_targets) if eval_targets else [float(getattr(cfg, "target_return", 0.0) or 0.0)]
+    if eval_targets is None:
+        raise ValueError(f"{directory}: config.json does not give eval_targets; pass --target_return (the public DT repos state theirs in their model card).")
+    targets = [float(t) for t in eval_targets]
     spec = DatasetSpec(
         dataset_id=f"transformers:{Path(directory).name}",
         observation_dim=cfg.state_dim,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +84,10 @@ def save_pretrained(
     model.require_single_seed("A model folder")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
     config = model_config(model, evaluation)
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
+    shutil.copymode(directory / CONFIG, directory / WEIGHTS)  # safetensors writes 0600: give it the umask's mode, as every other file
     copied = []
     for name in RUN_FILES if run_dir is not None else ():
         if (Path(run_dir) / name).is_file():
@@ -172,6 +175,47 @@ def warm_start(model: OfflineRLModule, source: str | Path) -> None:
         ) from None
 
 
+class HubError(RuntimeError):
+    """The Hub cannot be reached, or refuses the token or the upload: one line for the user (dtlab's CLI prints it)."""
+
+
+@contextmanager
+def hub_errors(action: str, endpoint: str) -> Iterator[None]:
+    """huggingface_hub's token, HTTP and connection errors while doing `action` as one HubError line naming `endpoint`."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except errors.LocalTokenNotFoundError:
+        raise HubError(f"{action}: no HuggingFace token; pass --token, set HF_TOKEN or run `hf auth login`.") from None
+    except errors.OfflineModeIsEnabled:
+        raise HubError(f"{action}: offline mode is on (HF_HUB_OFFLINE=1); unset it to reach {endpoint}.") from None
+    except errors.HfHubHTTPError as err:
+        status = err.response.status_code if getattr(err, "response", None) is not None else None
+        if status == 401:
+            raise HubError(f"{action}: {endpoint} refused the token (401); pass a valid --token or HF_TOKEN, or run `hf auth login`.") from None
+        if status == 403:
+            raise HubError(f"{action}: the token has no write access there (403); use a token with write access (--token).") from None
+        raise HubError(f"{action}: {endpoint} answered {str(err).splitlines()[0]}") from None
+    # requests' connection errors are OSErrors (offline mode too); httpx's and httpx2's derive from the HTTPError huggingface_hub imports
+    except (OSError, getattr(errors, "HTTPError", OSError)) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({reason}); check the network, or HF_ENDPOINT.") from None
+
+
+def hub_user(token: str | None = None) -> str:
+    """The account of `token` (default: HF_TOKEN or `hf auth login`), asked of the Hub: a push checks it before it
+    evaluates or uploads anything. A read-only token is refused here."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with hub_errors("checking the HuggingFace token", api.endpoint):
+        user = api.whoami()
+    if (user.get("auth", {}).get("accessToken") or {}).get("role") == "read":
+        raise HubError(f"the HuggingFace token of {user.get('name')} is read-only; pushing needs a token with write access (--token).")
+    return user.get("name", "?")
+
+
 def push_to_hub(
     model: OfflineRLModule,
     repo_id: str,
@@ -182,14 +226,16 @@ def push_to_hub(
     commit_message: str = "Upload dtlab model",
     video: bool = False,
 ) -> str:
-    """save_pretrained into a temporary folder and upload it as one commit (token: HF_TOKEN or `hf auth login`)."""
+    """save_pretrained into a temporary folder and upload it as one commit (token: HF_TOKEN or `hf auth login`).
+    Network, token and permission errors raise one-line HubErrors."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="dtlab-push-") as tmp:
         save_pretrained(model, tmp, evaluation, run_dir, repo_id, video)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+        with hub_errors(f"pushing to {repo_id}", api.endpoint):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return commit.commit_url
 
 

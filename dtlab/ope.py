@@ -1,4 +1,4 @@
-"""Off-policy evaluation without an environment: Fitted Q Evaluation and `dtlab ope`.
+"""Off-policy evaluation without an environment: Fitted Q Evaluation (`dtlab ope`, in dtlab/commands.py, runs it).
 
 FQE: Le, Voloshin & Yue, "Batch Policy Learning under Constraints", ICML 2019 (arXiv:1903.08738), Algorithm 3;
 the estimator of d3rlpy's `d3rlpy.ope.FQE` and of the DOPE benchmark (Fu et al., "Benchmarks for Deep Off-Policy
@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
-import json
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -414,127 +410,6 @@ def load_policies(sources: Sequence[str], spec: DatasetSpec) -> list[Any]:
         model.spec.check_compatible(spec, f"Policy {source}")
         models.append(model)
     return models
-
-
-def ope(
-    policies: list[str],
-    dataset_id: str | None = None,
-    updates: int = 20000,
-    batch_size: int = 100,
-    fqe: dict[str, Any] | None = None,
-    true_episodes: int = 0,
-    out: str | None = None,
-    seed: int = 0,
-    accelerator: str = "auto",
-    threads: int = 1,
-    env_entry_point: str | None = None,
-) -> dict[str, Any]:
-    """Off-policy evaluation: estimate how well each policy would do from a dataset alone, by Fitted Q Evaluation
-    (dtlab.ope.FQE; Le et al. 2019, as d3rlpy's and the DOPE benchmark's). No environment is needed; where the data
-    names one, `--true_episodes N` also rolls each policy out, and the table scores the estimator over the pool
-    (Spearman rank correlation, regret@1, mean absolute error: DOPE's metrics).
-
-        dtlab ope runs/iql/version_0/checkpoints/last.ckpt runs/bc/version_0/checkpoints/last.ckpt --dataset_id walker2d/medium-v0
-        dtlab ope models/iql-walker user/td3bc-walker --dataset_id walker2d/medium-v0 --true_episodes 10 --out ope/
-        dtlab ope runs/td3bc/version_0/checkpoints/last.ckpt --dataset_id hf:you/clinic-v0 --fqe '{discount: 0.995, hidden_dims: [512, 512]}'
-
-    The estimate is the γ-discounted value of the data's initial states, mean_s0 Q(s0, π(s0)) ± a 95% bootstrap interval
-    over those states; it is also shown as an episode return, (1 − γ) · H · value with H the episode length (exact for a
-    constant reward per step over full-length episodes), and its normalised score. OUT/ope.json holds every number;
-    OUT/ope.png plots estimate against truth when there are true returns.
-
-    Args:
-        policies: checkpoints (.ckpt), model folders or Hub repo ids of stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL).
-        dataset_id: the data to evaluate on (a Minari id, a mixture a+b, or hf:USER/NAME), of the policies' spaces.
-        updates: FQE updates per policy (batches of --batch_size transitions).
-        batch_size: transitions per update (d3rlpy's FQE: 100).
-        fqe: FQE's arguments besides the policy (dtlab.ope.FQE), e.g. '{discount: 0.995, target_update_interval: 1, tau: 0.005}'.
-        true_episodes: also roll each policy out for this many episodes in the data's environment (0: none).
-        out: folder to write ope.json (and ope.png) into.
-        seed: seeds FQE's critics, the batch stream and the bootstrap; rollout episode i is reset with seed + i.
-        accelerator: where FQE trains (Lightning's names: auto, cpu, gpu).
-        threads: torch CPU threads.
-        env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
-    """
-    from dtlab.commands import UsageError, trust
-    from dtlab.data.module import OfflineDataModule
-
-    if not policies:
-        raise UsageError("ope needs at least one policy: a checkpoint, a model folder or a Hub repo id.")
-    if dataset_id is None:
-        raise UsageError("ope needs --dataset_id ID, the data to evaluate the policies on.")
-    if updates < 1 or batch_size < 1 or true_episodes < 0:
-        raise UsageError(f"--updates and --batch_size must be >= 1 and --true_episodes >= 0, got {updates}, {batch_size} and {true_episodes}.")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"--out {out}: a file is there; give a folder for ope.json and ope.png.")
-    fqe_args = dict(fqe or {})
-    allowed = [p for p in inspect.signature(FQE).parameters if p not in ("spec", "policy")]
-    unknown = sorted(set(fqe_args) - set(allowed))
-    if unknown:
-        raise UsageError(f"--fqe: FQE takes no {', '.join(unknown)}; its arguments are {', '.join(allowed)}.")
-    torch.set_num_threads(threads)
-    trust(env_entry_point)
-
-    datamodule = OfflineDataModule(dataset_id, batch_size=batch_size, steps_per_epoch=updates, seed=seed)
-    spec = datamodule.transitions.spec
-    if true_episodes > 0:
-        if spec.env_spec is None:
-            raise UsageError(f"--true_episodes {true_episodes}: dataset '{spec.dataset_id}' names no environment to roll the policies out in; use 0.")
-        from dtlab.envs import make_vector_env
-
-        make_vector_env(spec, 1).close()  # a missing environment fails now, not after the fits
-    models = load_policies(policies, spec)
-    try:  # bad values fail before any fit
-        hyperparameters = {k: v for k, v in FQE(spec.to_dict(), models[0].policy, **fqe_args).hparams.items() if k != "spec"}
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--fqe: {err}") from None
-    starts = initial_observations(datamodule.transitions.columns)
-    if len(starts) == 0:
-        raise UsageError(f"Dataset '{spec.dataset_id}' holds no episode start (timestep 0): FQE estimates the value of the initial states.")
-    progress = sys.stderr.isatty()
-    # No policy's discounted value can leave [min(0, r_min), max(0, r_max)] / (1 − γ) on these rewards: an estimate
-    # outside diverged (FQE's known failure for a policy that leaves the data's support; see the README).
-    rewards = datamodule.transitions.columns["rewards"]
-    reachable = [min(0.0, float(rewards.min())) / (1.0 - hyperparameters["discount"]), max(0.0, float(rewards.max())) / (1.0 - hyperparameters["discount"])]
-
-    rows = []
-    for i, (source, model) in enumerate(zip(policies, models)):
-        if progress:
-            print(f"FQE {i + 1}/{len(models)}: {source}", file=sys.stderr)
-        torch.manual_seed(seed)
-        estimator = fit_fqe(FQE(spec.to_dict(), model.policy, **fqe_args), datamodule, updates, progress, accelerator)
-        row = {"policy": str(source), "name": short_name(source), "algorithm": type(model).__name__, "fqe": estimator.estimate(starts, seed=seed)}
-        row["fqe"]["reachable"] = reachable[0] <= row["fqe"]["value"] <= reachable[1]
-        if true_episodes > 0:
-            returns, discounted = rollout_returns(model, range(seed, seed + true_episodes), estimator.hparams.discount)
-            from dtlab.callbacks import return_summary
-
-            row["true"] = {"episodes": true_episodes, "discounted_return_mean": float(discounted.mean())} | return_summary(returns, spec)
-        rows.append(row)
-        del estimator
-
-    result = {
-        "dataset_id": spec.dataset_id,
-        "updates": updates,
-        "batch_size": batch_size,
-        "seed": seed,
-        "fqe": hyperparameters,
-        "reachable_values": reachable,
-        "policies": rows,
-        "pool": pool_metrics(rows),
-    }
-    print(table(result))
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "ope.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, default=list))
-        os.replace(tmp, folder / "ope.json")
-        written = [folder / "ope.json"]
-        if any("true" in r for r in rows):
-            written.append(plot_estimates(rows, folder / "ope.png", spec, result["fqe"]["discount"]))
-        print("wrote " + ", ".join(map(str, written)))
-    return result
 
 
 def short_name(source: str) -> str:

@@ -2,7 +2,7 @@
 
 It answers what `huggingface_hub` and `datasets` call to create a model or dataset repo, upload files as one commit
 (preupload; parquet and safetensors through the git-LFS batch API and a PUT, the rest base64 in the NDJSON commit),
-read repo info and its file tree, and download files (HEAD/GET .../resolve/<rev>/<path>).
+read repo info and its file tree, answer whoami for its one token (TOKEN), and download files (HEAD/GET .../resolve/<rev>/<path>).
 Point a process at it with HF_ENDPOINT=<server.url> and HF_HUB_DISABLE_XET=1, set before huggingface_hub is
 imported (it reads both at import), so clients run in subprocesses.
 """
@@ -16,6 +16,8 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+TOKEN = "hf_test_token"
+
 
 def key(kind: str, repo: str) -> str:
     """Model repos are stored under their id, others as "<kind>:<id>" (e.g. "datasets:user/name")."""
@@ -23,13 +25,13 @@ def key(kind: str, repo: str) -> str:
 
 
 class HubServer:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}  # key(kind, repo id) -> path -> content
         self.commits: dict[str, str] = {}
         self.lfs: dict[str, bytes] = {}  # sha256 -> content of git-LFS uploads (parquet shards, safetensors)
         self.private: dict[str, bool] = {}
         self.requests: list[str] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -42,7 +44,7 @@ class HubServer:
         self.httpd.server_close()
 
     def env(self) -> dict[str, str]:
-        return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -114,6 +116,10 @@ class HubServer:
             def get_or_head(self, head: bool) -> None:
                 server.requests.append(f"{'HEAD' if head else 'GET'} {self.path}")
                 path = self.path.split("?")[0]
+                if path == "/api/whoami-v2":  # the one token this server knows, with write access
+                    if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                        return self.reply(401, {"error": "Invalid credentials in Authorization header"}, head=head)
+                    return self.reply(200, {"type": "user", "name": "user", "orgs": [], "auth": {"accessToken": {"role": "write"}}}, head=head)
                 info = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(/revision/[^/]+)?", path)
                 if info and key(info.group(1), info.group(2)) in server.repos:
                     repo = key(info.group(1), info.group(2))
@@ -164,3 +170,15 @@ class HubServer:
                 self.get_or_head(head=True)
 
         return Handler
+
+
+if __name__ == "__main__":  # python tests/hub_server.py [PORT]: a Hub for trying push and pull by hand (README, "On the Hub")
+    import sys
+
+    with HubServer(int(sys.argv[1]) if len(sys.argv) > 1 else 8808) as hub:
+        print(f"A Hub-compatible server at {hub.url}, repos in memory until Ctrl-C. In another shell:", flush=True)
+        print("export " + " ".join(f"{k}={v}" for k, v in hub.env().items()), flush=True)
+        try:
+            hub.thread.join()
+        except KeyboardInterrupt:
+            pass

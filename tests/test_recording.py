@@ -65,7 +65,18 @@ def test_embedded_default_is_built_on_first_use(tmp_path, monkeypatch):
 
 
 def test_make_dataset_tool(tmp_path):
-    tool = [str(Path(sys.executable).with_name("dtlab")), "make-dataset", "--dataset_id", "rec/random-v0", "--env", "CartPole-v1", "--episodes", "3"]
+    tool = [
+        str(Path(sys.executable).with_name("dtlab")),
+        "make-dataset",
+        "--dataset_id",
+        "rec/random-v0",
+        "--env",
+        "CartPole-v1",
+        "--episodes",
+        "3",
+        "--ref_max",
+        "500",
+    ]
     done = subprocess.run(tool, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rec/random-v0: 3 episodes" in done.stdout

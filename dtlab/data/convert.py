@@ -381,11 +381,15 @@ Train on it with `dtlab fit -c conf/iql.yaml --data.dataset_id hf:{{ repo_id }}`
 
 def push_dataset(dataset_id: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Push a converted trajectory dataset with datasets' `push_to_hub`, then its spec and a dataset card (env,
-    episodes, transitions, return range, reference returns). Returns the repo's URL."""
+    episodes, transitions, return range, reference returns). Returns the repo's URL; network, token and permission
+    errors raise one-line HubErrors."""
     from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
+    from dtlab.hub import hub_errors
+
     hf, spec = load_trajectories(dataset_id)
-    with _no_progress_bars():
+    api = HfApi(token=token)
+    with hub_errors(f"pushing to {repo_id}", api.endpoint), _no_progress_bars():
         hf.push_to_hub(repo_id, private=private, token=token, commit_message=f"dtlab trajectories of {dataset_id}")
     env_id = (spec.env_spec or {}).get("id", "unknown")
     refs = [None if r is None else f"{r:.1f}" for r in (spec.ref_min_score, spec.ref_max_score)]
@@ -403,11 +407,11 @@ def push_dataset(dataset_id: str, repo_id: str, private: bool = False, token: st
         ref_max=refs[1],
         repo_id=repo_id,
     )
-    api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="dtlab-dataset-") as tmp:
         (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
         card.save(Path(tmp) / "README.md")
-        commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=tmp, commit_message="dtlab spec and dataset card")
+        with hub_errors(f"pushing to {repo_id}", api.endpoint):
+            commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=tmp, commit_message="dtlab spec and dataset card")
     return commit.commit_url
 
 
