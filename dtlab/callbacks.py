@@ -202,9 +202,10 @@ class RunReport(Callback):
     last tenth of the updates (`train`), the final evaluation (`eval`), and for online fine-tuning the
     environment steps collected (`env_steps`)."""
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a checkpoint is restored (on_fit_start comes before it): a resumed fit counts its own updates.
         self.start, self.start_step = time.perf_counter(), trainer.global_step
-        planned = trainer.estimated_stepping_batches  # updates this fit will make (inf: until a callback stops it)
+        planned = trainer.estimated_stepping_batches - self.start_step  # updates this fit will make (inf: until a callback stops it)
         self.warm_step = self.start_step + (max(1, int(planned) // 10) if math.isfinite(planned) else OPEN_ENDED_WARMUP)
         self.timed: tuple[float, int] | None = None  # (time, update) at the end of the warm-up
         self.last_update: tuple[float, int] | None = None  # (time, update) of the latest update after it

@@ -180,7 +180,7 @@ def assert_same_training(straight, resumed, straight_dir: Path, resumed_dir: Pat
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path):
+def test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path, capsys):
     # Train 4 updates (the fit ends mid-epoch), resume to 6 (it ends at an epoch end), resume to 9: bit for bit the
     # straight 9-update run, with its epoch ends (evaluations), whatever max_epochs says.
     epochs = ("--data.steps_per_epoch", "3", "--trainer.max_epochs", "1", *FIXED_SCHEDULE.get(class_name(config), []))
@@ -189,6 +189,7 @@ def test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path):
         resume = ("--ckpt_path", "last") if budget > 4 else ()
         resumed = fit(config, pendulum_id, tmp_path / "resumed", *epochs, "--trainer.max_steps", str(budget), *resume)
         assert resumed.trainer.global_step == budget
+    assert "updates      9 (3 in this fit)" in capsys.readouterr().out, "the summary counts the updates this fit made"
     assert_same_training(straight, resumed, tmp_path / "straight", tmp_path / "resumed", "4 -> 6 -> 9 updates")
     with open(next((tmp_path / "resumed").rglob("metrics.csv"))) as f:
         evaluated = [int(r["step"]) for r in csv.DictReader(f) if r.get("eval/return")]
@@ -287,9 +288,9 @@ FAST_CONFIGS = [c for c in CONFIGS if class_name(c) != "DecisionTransformer" and
 
 
 @pytest.mark.parametrize("config", FAST_CONFIGS)
-def test_resume_is_exact_on_the_fast_path(config, pendulum_id, tmp_path, monkeypatch):
+def test_resume_is_exact_on_the_fast_path(config, pendulum_id, tmp_path, monkeypatch, capsys):
     """test_resume_continues_to_any_budget_exactly with every fit on the fast path."""
     plain = fit
     monkeypatch.setitem(globals(), "fit", lambda *args: plain(*args, *FAST_PATH))
-    test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path)
+    test_resume_continues_to_any_budget_exactly(config, pendulum_id, tmp_path, capsys)
     assert all("cuda_graphs: true" in h.read_text() for h in tmp_path.rglob("hparams.yaml"))
