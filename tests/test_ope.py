@@ -172,3 +172,30 @@ def test_fqe_evaluation_during_fit_scores_the_current_policy(pendulum_id, tmp_pa
     model = load_checkpoint(str(next(tmp_path.rglob("last.ckpt"))))
     callback = FQEEvaluation(updates=25, fqe={"target_update_interval": 5})
     assert callback.evaluate(OfflineDataModule(pendulum_id).transitions, model)["ope/value"] == pytest.approx(last, rel=1e-5)
+
+
+def test_fit_on_data_without_an_environment_keeps_the_best_checkpoint_by_fqe(pendulum_id, tmp_path):
+    """Data that names no environment (its env_spec removed): `dtlab fit` trains, FQE scores each epoch's policy,
+    and the best checkpoint is the one of the highest estimate."""
+    import shutil
+
+    from dtlab.data.convert import dataset_dir
+
+    source, target = dataset_dir(pendulum_id).parent, dataset_dir("test/no-env-v0").parent
+    if not target.exists():
+        shutil.copytree(source, target)
+        meta = json.loads((target / "data" / "metadata.json").read_text())
+        meta.pop("env_spec"), meta.pop("eval_env_spec", None)
+        (target / "data" / "metadata.json").write_text(json.dumps(meta | {"dataset_id": "test/no-env-v0"}))
+    assert OfflineDataModule("test/no-env-v0").spec["env_spec"] is None
+    args = ["fit", "-c", "conf/bc.yaml", "--data.dataset_id", "test/no-env-v0", "--data.steps_per_epoch", "10", "--trainer.max_steps", "30"]
+    args += ["--trainer.enable_progress_bar", "false", "--runs_dir", str(tmp_path), "--checkpoint.monitor", "ope/value"]
+    args += ["--trainer.callbacks+=dtlab.ope.FQEEvaluation", "--trainer.callbacks.updates", "20", "--trainer.callbacks.fqe", "{target_update_interval: 5}"]
+    cli = run_cli(args)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    estimates = {int(r["step"]) + 1: float(r["ope/value"]) for r in rows if r.get("ope/value")}
+    assert sorted(estimates) == [10, 20, 30] and not any(r.get("eval/return") for r in rows), "scored by FQE at every epoch, never in an env"
+    best = max(estimates, key=estimates.get)
+    assert [p.name for p in tmp_path.rglob("best-*.ckpt")] == [f"best-step={best}.ckpt"]
+    assert cli.trainer.checkpoint_callback.best_model_score == pytest.approx(estimates[best])
