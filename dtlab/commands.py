@@ -144,6 +144,12 @@ def make_dataset(
     else:
         if not (dataset_id and env):
             raise UsageError("make-dataset needs --dataset_id and --env (or --embedded NAME); see dtlab make-dataset --help.")
+        from minari.dataset.minari_dataset import parse_dataset_id
+
+        try:
+            parse_dataset_id(dataset_id)
+        except ValueError as err:  # before anything is recorded
+            raise UsageError(f"--dataset_id {dataset_id}: {err}") from None
         build_env(env).close()  # before any policy is loaded or episode recorded
         if policy == "random" and expert is None and ref_max is None:  # the data's mean would be the random 0 point too
             raise UsageError(

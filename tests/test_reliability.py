@@ -214,6 +214,7 @@ def test_impossible_config_values_are_refused_at_parse_time(bad, named, capsys):
         ),
         (["--env", "Pendulum-v1", "--policy", "dtlab.data.recording:no_such_function"], "has no function 'no_such_function'"),
         (["--env", "Pendulum-v1", "--expert", "dtlab_no_such_module:act"], "--expert dtlab_no_such_module:act: module"),
+        (["--dataset_id", "t/pend-v0", "--env", "Pendulum-v1"], "--dataset_id t/pend-v0: Malformed dataset ID"),  # Minari's rule
     ],
 )
 def test_make_dataset_names_an_unknown_env_or_policy_in_one_line(bad, named, capsys):
