@@ -129,7 +129,7 @@ def score_table(groups: dict[str, Sequence[str | Path]]) -> str:
 
 def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Path, title: str = "") -> Path:
     """PNG of learning curves: the evaluation score (eval/normalized_score where any run has it, else
-    eval/return) and each train/* metric against updates, one line per group (name -> metrics.csv files);
+    eval/return), the FQE estimate (ope/value) where logged, and each train/* metric against updates, one line per group (name -> metrics.csv files);
     a group of several runs is drawn as their mean with a ± std band over the updates they share (a run of seeds as
     members counts as one run per member).
     Online fine-tuning runs (every run logs online/env_steps) are drawn against environment steps, with the
@@ -144,7 +144,8 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
     logged = {m for runs in data.values() for run in runs for m in run}
     score = "eval/normalized_score" if "eval/normalized_score" in logged else "eval/return"
     collected = "online/normalized_score" if "online/normalized_score" in logged else "online/episode_return"
-    panels = [m for m in (score, collected) if m in logged] + sorted(m for m in logged if m.startswith("train/"))
+    # ope/value: the FQE estimate of the policy's value (dtlab.ope.FQEEvaluation), for data with no environment
+    panels = [m for m in (score, collected, "ope/value") if m in logged] + sorted(m for m in logged if m.startswith("train/"))
     if not panels:
         raise ValueError(f"No evaluation or training metrics in {[str(f) for files in groups.values() for f in files]}.")
     cols = min(len(panels), 3)
@@ -169,7 +170,7 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             if few:
                 ax.errorbar(steps, mean, yerr=std, fmt="none", color=color, capsize=3)
-        ax.set_title(metric, fontsize=10)
+        ax.set_title(f"{metric} (FQE estimate)" if metric == "ope/value" else metric, fontsize=10)
         ax.set_xlabel("environment steps (online)" if online else "updates")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels) :]:

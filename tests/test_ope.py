@@ -199,3 +199,7 @@ def test_fit_on_data_without_an_environment_keeps_the_best_checkpoint_by_fqe(pen
     best = max(estimates, key=estimates.get)
     assert [p.name for p in tmp_path.rglob("best-*.ckpt")] == [f"best-step={best}.ckpt"]
     assert cli.trainer.checkpoint_callback.best_model_score == pytest.approx(estimates[best])
+    from dtlab.plots import plot_learning_curves
+
+    plot_learning_curves({"BC": [next(tmp_path.rglob("metrics.csv"))]}, tmp_path / "curve.png")  # the estimate as a panel
+    assert (tmp_path / "curve.png").stat().st_size > 0 and (next(tmp_path.rglob("metrics.csv")).parent / "learning_curve.png").exists()
