@@ -382,7 +382,6 @@ class DivergenceGuard(Callback):
         values = torch.stack(list(losses.values()))
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
-            self.bad_losses = dict.fromkeys(losses, torch.zeros((), device=values.device))
         first = (self.first_bad < 0) & ~values.isfinite().all()
         self.first_bad = torch.where(first, trainer.global_step, self.first_bad)
         self.bad_losses = {k: torch.where(first, v, self.bad_losses.get(k, v)) for k, v in losses.items()}

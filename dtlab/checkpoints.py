@@ -99,9 +99,9 @@ def build_model(name: Any, hparams: Any, where: str) -> OfflineRLModule:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> OfflineRLModule:
     """Any dtlab checkpoint as its model, ready to act (`.policy`, `.make_agent`): no config, no dataset."""
     checkpoint = read_checkpoint(path, map_location)
-    if checkpoint.get("dtlab_algorithm") not in ALGORITHMS:
-        raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {checkpoint.get('dtlab_algorithm')!r}; known: {', '.join(ALGORITHMS)}).")
-    name = checkpoint["dtlab_algorithm"]
+    name = checkpoint.get("dtlab_algorithm")
+    if name not in ALGORITHMS:
+        raise CheckpointError(f"{path} is not a dtlab checkpoint (algorithm {name!r}; known: {', '.join(ALGORITHMS)}).")
     model = build_model(name, checkpoint.get("hyper_parameters"), f"Checkpoint {path}")
     try:
         missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)  # strict below, in one line
