@@ -163,6 +163,7 @@ class IQL(ActorCriticModule):
         checkpoint["dtlab_schedule_updates"] = getattr(self, "planned_schedule", None)
 
     def on_train_start(self) -> None:
+        super().on_train_start()  # the base's: this fit makes its own update runner
         saved = getattr(self, "resumed_schedule", None)
         if saved is not None and saved != self.planned_schedule:
             warnings.warn(
