@@ -50,7 +50,10 @@ MODULES = {
     "dtlab/data/module.py": f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py",
     "dtlab/data/convert.py": f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py -k 'not checkpoint'",
     "dtlab/data/recording.py": f"{FAST} tests/test_recording.py",
-    "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py",
+    "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
+    # what may run code when a file is loaded: hyperparameters and environments read as data
+    "dtlab/checkpoints.py": f"{FAST} tests/test_loading.py tests/test_safe_loading.py tests/test_reliability.py -k 'checkpoint or crafted or hyperparameters or tensor'",
+    "dtlab/envs.py": f"{FAST} tests/test_safe_loading.py tests/test_reliability.py -k 'environment or crafted or transformers'",
 }
 NOT_SAMPLED = "not sampled"
 ANNOTATION = "annotation"
