@@ -25,6 +25,7 @@ import numpy as np
 if TYPE_CHECKING:  # each command imports what it runs: `dtlab <command> --help` imports no torch
     import gymnasium as gym
 
+    from dtlab.algos import OfflineRLModule
     from dtlab.data.recording import Policy
     from dtlab.envs import Agent
 
@@ -337,12 +338,21 @@ def _run_dir(checkpoint: str) -> Path | None:
     return path.parent.parent if path.is_file() and path.parent.name == "checkpoints" else None
 
 
-def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: int = 0, video: bool = False, env_entry_point: str | None = None) -> None:
+def save(
+    checkpoint: str,
+    out: str | None = None,
+    eval_episodes: int = 0,
+    seed: int = 0,
+    video: bool = False,
+    env_entry_point: str | None = None,
+    ope_updates: int = 0,
+) -> None:
     """Write a trained model as a folder: model.safetensors (tensors only), config.json (algorithm, hyperparameters,
     spaces, observation statistics, references, env and dataset ids) and a model card (README.md), plus the run's
     plots and config. `dtlab evaluate OUT`, `dtlab.from_pretrained(OUT)` and `dtlab push` read it.
 
         dtlab save runs/iql/version_0/checkpoints/last.ckpt --out models/iql-halfcheetah --eval_episodes 10
+        dtlab save runs/iql/version_0/checkpoints/best.ckpt --out models/iql-clinic --ope_updates 20000   # data with no env
 
     Args:
         checkpoint: a dtlab checkpoint (.ckpt) or a model folder.
@@ -351,59 +361,87 @@ def save(checkpoint: str, out: str | None = None, eval_episodes: int = 0, seed: 
         seed: episode i of the evaluation is reset with seed + i.
         video: add replay.mp4, one greedy episode rendered offscreen (needs `pip install 'dtlab[video]'`).
         env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
+        ope_updates: also estimate the policy's value from its training data alone by FQE (this many updates; 0: none),
+            shown in the card as an estimate: the score of a model whose data has no environment (`dtlab ope`).
     """
-    from dtlab.hub import evaluate_for_card, load_model, save_pretrained
+    from dtlab.hub import load_model, save_pretrained
 
     if out is None:
         raise UsageError("save needs --out FOLDER, the model folder to write.")
     trust(env_entry_point)
     model = load_model(checkpoint)
-    evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
-    path = save_pretrained(model, out, evaluation, _run_dir(checkpoint), video=video)
+    evaluation, ope = _card_evaluations(model, eval_episodes, ope_updates, seed)
+    path = save_pretrained(model, out, evaluation, _run_dir(checkpoint), video=video, ope=ope)
     print(f"{path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
+
+
+def _card_evaluations(model: "OfflineRLModule", eval_episodes: int, ope_updates: int, seed: int) -> tuple[dict | None, dict | None]:
+    """What `save` and `push` put in the card: rollouts in the environment and/or an FQE estimate from the data."""
+    from dtlab.hub import estimate_for_card, evaluate_for_card
+
+    if eval_episodes < 0 or ope_updates < 0:
+        raise UsageError(f"--eval_episodes and --ope_updates must be >= 0, got {eval_episodes} and {ope_updates}.")
+    if eval_episodes > 0 and model.spec.env_spec is None:
+        raise UsageError(
+            f"--eval_episodes {eval_episodes}: the model's data ('{model.spec.dataset_id}') names no environment to evaluate in; "
+            "use --eval_episodes 0, and --ope_updates N for an off-policy (FQE) estimate from the data."
+        )
+    evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
+    ope = estimate_for_card(model, ope_updates, seed=seed) if ope_updates > 0 else None
+    return evaluation, ope
 
 
 def push(
     checkpoint: str,
     repo_id: str | None = None,
     private: bool = False,
-    eval_episodes: int = 10,
+    eval_episodes: int | None = None,
     seed: int = 0,
     token: str | None = None,
     video: bool = False,
     env_entry_point: str | None = None,
+    ope_updates: int = 0,
 ) -> None:
     """Upload a trained model to the HuggingFace Hub: the folder `dtlab save` writes, with the evaluation in the card's
     model-index. The token comes from --token, HF_TOKEN or `hf auth login`; it is checked with the Hub (HF_ENDPOINT)
     before the evaluation starts.
 
         dtlab push runs/iql/version_0/checkpoints/last.ckpt --repo_id you/iql-halfcheetah-medium --eval_episodes 10
+        dtlab push runs/iql/version_0/checkpoints/best.ckpt --repo_id you/iql-clinic --ope_updates 20000   # data with no env
 
     Args:
         checkpoint: a dtlab checkpoint (.ckpt) or a model folder.
         repo_id: the Hub model repo, user/name (created if it does not exist).
         private: create the repo private.
-        eval_episodes: evaluate over this many episodes before uploading, for the card (0: no evaluation).
+        eval_episodes: evaluate over this many episodes before uploading, for the card (0: no evaluation; default:
+            10 where the model's data names an environment, else 0).
         seed: episode i of the evaluation is reset with seed + i.
         token: a HuggingFace token with write access (default: the logged-in one).
         video: add replay.mp4, one greedy episode rendered offscreen, to the card (needs `pip install 'dtlab[video]'`).
         env_entry_point: as for `dtlab evaluate`: the only entry point (module:Class) an unregistered environment may be built from.
+        ope_updates: also estimate the policy's value from its training data alone by FQE (this many updates; 0: none),
+            shown in the card as an estimate: the score of a model whose data has no environment (`dtlab ope`).
     """
-    from dtlab.hub import evaluate_for_card, hub_user, load_model, push_to_hub
+    from dtlab.hub import hub_user, load_model, push_to_hub
 
     if repo_id is None or repo_id.count("/") != 1:
         raise UsageError(f"push needs --repo_id USER/NAME (got {repo_id}).")
     trust(env_entry_point)
     model = load_model(checkpoint)
+    if eval_episodes is None:
+        eval_episodes = 10 if model.spec.env_spec is not None else 0
     hub_user(token)  # a missing or refused token, or no network, before minutes of evaluation
-    evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
-    url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video)
-    score = ""
+    evaluation, ope = _card_evaluations(model, eval_episodes, ope_updates, seed)
+    url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video, ope=ope)
+    scores = []
     if evaluation is not None:
-        score = f" (evaluated: return {evaluation['return_mean']:.1f}" + (
-            f", normalised score {evaluation['normalized_score_mean']:.1f})" if "normalized_score_mean" in evaluation else ")"
-        )
-    print(f"pushed {type(model).__name__} to {repo_id}{score}: {url}")
+        scores.append(f"evaluated: return {evaluation['return_mean']:.1f}")
+        if "normalized_score_mean" in evaluation:
+            scores.append(f"normalised score {evaluation['normalized_score_mean']:.1f}")
+    if ope is not None:
+        scores.append(f"FQE estimate: return {ope['return']:.1f}" + (f", normalised score {ope['normalized_score']:.1f}" if "normalized_score" in ope else ""))
+    summary = f" ({'; '.join(scores)})" if scores else ""
+    print(f"pushed {type(model).__name__} to {repo_id}{summary}: {url}")
 
 
 def export(checkpoint: str, out: str | None = None, format: str = "onnx") -> None:

@@ -4,7 +4,8 @@ A model folder holds
 
 - `model.safetensors`: the model's tensors (the networks and the Policy's observation statistics), nothing else;
 - `config.json`: the algorithm's registry name, its hyperparameters with the dataset spec (spaces, statistics,
-  reference returns, environment), the env and dataset ids, the dtlab version, and the evaluation if one was run;
+  reference returns, environment), the env and dataset ids, the dtlab version, and the evaluation if one was run:
+  rollouts in the environment (`evaluation`) and/or an off-policy estimate from the data alone (`ope`, FQE);
 - `README.md`: a model card (HF metadata: tags, `model-index` with the normalised score; evaluation table,
   hyperparameters, how to load and evaluate it, the command that trained it, the learning curve);
 - from a training run, where present: `learning_curve.png`, `return_conditioning.png` and the run's `config.yaml`.
@@ -35,7 +36,7 @@ CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 RUN_FILES = ("learning_curve.png", "return_conditioning.png", "config.yaml")  # copied from a run folder when present
 
 
-def model_config(model: OfflineRLModule, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_config(model: OfflineRLModule, evaluation: dict[str, Any] | None = None, ope: dict[str, Any] | None = None) -> dict[str, Any]:
     """What config.json holds: plain JSON, enough to rebuild the model with no other file but the weights."""
     from dtlab import __version__
 
@@ -48,6 +49,7 @@ def model_config(model: OfflineRLModule, evaluation: dict[str, Any] | None = Non
         "dataset_id": spec.dataset_id,
         "hyperparameters": json.loads(json.dumps(hyperparameters, default=_plain)),
         "evaluation": evaluation,
+        "ope": ope,
     }
 
 
@@ -71,6 +73,21 @@ def evaluate_for_card(model: OfflineRLModule, episodes: int, seed: int = 0) -> d
     return out
 
 
+def estimate_for_card(model: OfflineRLModule, updates: int, batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Fitted Q Evaluation (dtlab.ope, d3rlpy's defaults) of the model's policy on the data it was trained on, for a
+    card where no environment can be rolled out: an estimate, marked as one (`method: fqe`)."""
+    from dtlab.commands import UsageError
+    from dtlab.data.module import OfflineDataModule
+    from dtlab.ope import estimate_policy
+    from dtlab.policy import Policy
+
+    if not isinstance(getattr(model, "policy", None), Policy):
+        raise UsageError(f"--ope_updates: FQE evaluates stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL), not a {type(model).__name__}.")
+    transitions = OfflineDataModule(model.spec.dataset_id).transitions
+    estimate = estimate_policy(model, transitions, updates, batch_size, seed=seed)
+    return {"method": "fqe", "dataset_id": model.spec.dataset_id, "updates": updates, "batch_size": batch_size, "seed": seed} | estimate
+
+
 def save_pretrained(
     model: OfflineRLModule,
     directory: str | Path,
@@ -78,13 +95,15 @@ def save_pretrained(
     run_dir: str | Path | None = None,
     repo_id: str | None = None,
     video: bool = False,
+    ope: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model folder (see the module's docstring); `run_dir` (runs/<name>/version_N) adds its plots and
-    config; `repo_id` names the model in the card; `video` adds `replay.mp4`, one greedy episode rendered offscreen."""
+    config; `repo_id` names the model in the card; `video` adds `replay.mp4`, one greedy episode rendered offscreen;
+    `ope` is an off-policy estimate (`estimate_for_card`), shown in the card as an estimate."""
     model.require_single_seed("A model folder")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model_config(model, evaluation)
+    config = model_config(model, evaluation, ope)
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     safetensors.torch.save_model(model, str(directory / WEIGHTS))  # handles tensors shared between modules (e.g. the actor under the policy)
     shutil.copymode(directory / CONFIG, directory / WEIGHTS)  # safetensors writes 0600: give it the umask's mode, as every other file
@@ -225,6 +244,7 @@ def push_to_hub(
     run_dir: str | Path | None = None,
     commit_message: str = "Upload dtlab model",
     video: bool = False,
+    ope: dict[str, Any] | None = None,
 ) -> str:
     """save_pretrained into a temporary folder and upload it as one commit (token: HF_TOKEN or `hf auth login`).
     Network, token and permission errors raise one-line HubErrors."""
@@ -232,7 +252,7 @@ def push_to_hub(
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="dtlab-push-") as tmp:
-        save_pretrained(model, tmp, evaluation, run_dir, repo_id, video)
+        save_pretrained(model, tmp, evaluation, run_dir, repo_id, video, ope)
         with hub_errors(f"pushing to {repo_id}", api.endpoint):
             api.create_repo(repo_id, private=private, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
@@ -246,7 +266,7 @@ CARD_TEMPLATE = """---
 # {{ algorithm }} on {{ dataset_id }}
 
 {{ description }} Trained with dtlab {{ dtlab_version }} (offline RL on PyTorch Lightning) on the offline dataset
-`{{ dataset_id }}` (environment `{{ env_id }}`).
+`{{ dataset_id }}` ({% if has_env %}environment `{{ env_id }}`{% else %}data with no environment to roll a policy out in{% endif %}).
 
 ## Evaluation
 
@@ -256,9 +276,25 @@ CARD_TEMPLATE = """---
 | {{ evaluation.episodes }}{% if evaluation.target_return is defined %} (target return {{ evaluation.target_return }}){% endif %} | {{ "%.1f"|format(evaluation.return_mean) }} ± {{ "%.1f"|format(evaluation.return_std) }} | {% if evaluation.normalized_score_mean is defined %}{{ "%.1f"|format(evaluation.normalized_score_mean) }} ± {{ "%.1f"|format(evaluation.normalized_score_std) }}{% else %}n/a (the data has no reference returns){% endif %} |
 
 Greedy actions, episode i reset with seed {{ evaluation.seed }} + i. {% if ref_min is not none %}Normalised score: 100 · (R − R_random) / (R_expert − R_random), with the dataset's reference returns R_random = {{ "%.1f"|format(ref_min) }} and R_expert = {{ "%.1f"|format(ref_max) }}.{% endif %}
-{%- else -%}
-Not evaluated at upload (`dtlab push --eval_episodes N` adds an evaluation).
+{%- elif not ope -%}
+Not evaluated at upload (`dtlab push --eval_episodes N` adds an evaluation in the environment, `--ope_updates N` an
+off-policy estimate from the data).
 {%- endif %}
+{%- if ope %}
+### Off-policy estimate (FQE): an estimate, not a measured return
+
+| value of the data's initial states (γ = {{ ope.discount }}) | as an episode return | normalised score |
+| --- | --- | --- |
+| {{ "%.2f"|format(ope.value) }} [{{ "%.2f"|format(ope.value_ci[0]) }}, {{ "%.2f"|format(ope.value_ci[1]) }}] | {{ "%.1f"|format(ope["return"]) }} [{{ "%.1f"|format(ope.return_ci[0]) }}, {{ "%.1f"|format(ope.return_ci[1]) }}] | {% if ope.normalized_score is defined %}{{ "%.1f"|format(ope.normalized_score) }} [{{ "%.1f"|format(ope.normalized_score_ci[0]) }}, {{ "%.1f"|format(ope.normalized_score_ci[1]) }}]{% else %}n/a (the data has no reference returns){% endif %} |
+
+No episode was played to get these numbers. Fitted Q Evaluation (Le et al. 2019) learned Q of this policy from
+`{{ ope.dataset_id }}` alone ({{ ope.updates }} updates of {{ ope.batch_size }} transitions, seed {{ ope.seed }});
+the value is the mean of Q(s₀, π(s₀)) over the data's {{ ope.initial_states }} episode starts, with a 95% bootstrap
+interval over those starts (it leaves out the error of the fit itself). The episode return is (1 − γ) · H · value
+with H the episode length, exact only for a constant reward per step over full-length episodes. FQE can be far off
+for a policy that leaves the data's support: trust it to rank policies on the same data more than as a score
+(measured on Walker2d pools in dtlab's docs/results.md).
+{% endif %}
 {% for image in images %}
 ![{{ image }}]({{ image }})
 {% endfor %}{% if video %}
@@ -280,7 +316,11 @@ agent = model.make_agent(num_envs=1)   # keeps the context window and returns-to
 ```
 
 ```bash
+{% if has_env -%}
 dtlab evaluate {{ repo_id }} --episodes 10
+{%- else -%}
+dtlab ope {{ repo_id }} --dataset_id {{ dataset_id }}   # an off-policy estimate from the data (FQE)
+{%- endif %}
 ```
 
 ## Training
@@ -305,8 +345,21 @@ def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str],
 
     spec: DatasetSpec = model.spec
     algorithm = type(model).__name__
-    evaluation = config["evaluation"]
+    evaluation, ope = config["evaluation"], config.get("ope")
     results = []
+    if ope is not None:  # listed as its own metric type, never as a measured score
+        metric, value = ("normalized_score", ope["normalized_score"]) if "normalized_score" in ope else ("return", ope["return"])
+        results.append(
+            EvalResult(
+                task_type="reinforcement-learning",
+                task_name="Offline reinforcement learning",
+                dataset_type=spec.dataset_id,
+                dataset_name=spec.dataset_id,
+                metric_type=f"fqe_estimated_{metric}",
+                metric_name=f"{metric.replace('_', ' ')} (FQE off-policy estimate, not a rollout)",
+                metric_value=round(value, 2),
+            )
+        )
     if evaluation is not None:
         metric, value = (
             ("normalized_score", evaluation["normalized_score_mean"]) if "normalized_score_mean" in evaluation else ("return", evaluation["return_mean"])
@@ -322,10 +375,10 @@ def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str],
                 metric_value=round(value, 2),
             )
         )
-    env_id = config["env_id"] or "unknown"
+    env_id = config["env_id"]
     data = ModelCardData(
         library_name="dtlab",
-        tags=["offline-rl", "dtlab", "reinforcement-learning", algorithm.lower(), env_id],
+        tags=["offline-rl", "dtlab", "reinforcement-learning", algorithm.lower()] + ([env_id] if env_id else []),
         model_name=repo_id or f"{algorithm.lower()}-{spec.dataset_id.replace('/', '-')}",
         eval_results=results or None,
     )
@@ -337,8 +390,10 @@ def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str],
         description=(type(model).__doc__ or "").strip().splitlines()[0],
         dataset_id=spec.dataset_id,
         env_id=env_id,
+        has_env=env_id is not None,
         dtlab_version=config["dtlab_version"],
         evaluation=evaluation,
+        ope=ope,
         ref_min=spec.ref_min_score,
         ref_max=spec.ref_max_score,
         images=[f for f in files if f.endswith(".png")],

@@ -199,6 +199,19 @@ class FQE(L.LightningModule):
         return out
 
 
+def estimate_policy(
+    model: L.LightningModule, transitions: Transitions, updates: int, batch_size: int = 100, fqe: dict[str, Any] | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """FQE fitted from scratch (`fit_transitions`) for a frozen copy of a stateless model's policy on `transitions`:
+    FQE.estimate's dict. The global RNG is left as it was (the critic is initialised from `seed`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        estimator = FQE(transitions.spec.to_dict(), copy.deepcopy(model.policy), **(fqe or {})).to(model.device)
+    with torch.enable_grad():
+        estimator.fit_transitions(transitions, updates, batch_size, seed)
+    return estimator.estimate(initial_observations(transitions.columns), seed=seed) | {"discount": estimator.hparams.discount}
+
+
 def initial_observations(columns: dict[str, torch.Tensor]) -> torch.Tensor:
     """The raw observations of every episode's first step (timestep 0): (E, obs_dim)."""
     return columns["observations"][columns["timesteps"].long() == 0].float()
@@ -301,12 +314,7 @@ class FQEEvaluation(Callback):
 
     def evaluate(self, transitions: Transitions, pl_module: L.LightningModule) -> dict[str, float]:
         """Fit FQE for a frozen copy of the module's policy; the estimate's metrics."""
-        with torch.random.fork_rng(devices=[]):  # the critic's initialisation leaves the run's global RNG as it was
-            torch.manual_seed(self.seed)
-            fqe = FQE(pl_module.spec.to_dict(), copy.deepcopy(pl_module.policy), **self.fqe).to(pl_module.device)
-        with torch.enable_grad():
-            fqe.fit_transitions(transitions, self.updates, self.batch_size, self.seed)
-        estimate = fqe.estimate(initial_observations(transitions.columns), seed=self.seed)
+        estimate = estimate_policy(pl_module, transitions, self.updates, self.batch_size, self.fqe, self.seed)
         metrics = {"ope/value": estimate["value"], "ope/value_low": estimate["value_ci"][0], "ope/value_high": estimate["value_ci"][1]}
         return metrics | ({"ope/normalized_score": estimate["normalized_score"]} if "normalized_score" in estimate else {})
 

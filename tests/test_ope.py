@@ -203,3 +203,41 @@ def test_fit_on_data_without_an_environment_keeps_the_best_checkpoint_by_fqe(pen
 
     plot_learning_curves({"BC": [next(tmp_path.rglob("metrics.csv"))]}, tmp_path / "curve.png")  # the estimate as a panel
     assert (tmp_path / "curve.png").stat().st_size > 0 and (next(tmp_path.rglob("metrics.csv")).parent / "learning_curve.png").exists()
+    # its model card carries an FQE estimate, marked as one; asking for rollouts where there is no environment is one line
+    ckpt = next(tmp_path.rglob(f"best-step={best}.ckpt"))
+    main(["save", str(ckpt), "--out", str(tmp_path / "model"), "--ope_updates", "20"])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    ope = config["ope"]
+    assert config["evaluation"] is None and ope["method"] == "fqe" and ope["dataset_id"] == "test/no-env-v0" and ope["updates"] == 20
+    assert ope["value_ci"][0] <= ope["value"] <= ope["value_ci"][1] and ope["initial_states"] == 30
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "an estimate, not a measured return" in card and "No episode was played" in card
+    assert "type: fqe_estimated_normalized_score" in card and f"| {ope['normalized_score']:.1f} [" in card
+    assert "dtlab ope <user>/<repo> --dataset_id test/no-env-v0" in card and "dtlab evaluate" not in card
+    with pytest.raises(SystemExit):
+        main(["save", str(ckpt), "--out", str(tmp_path / "rollouts"), "--eval_episodes", "2"])
+    assert not (tmp_path / "rollouts").exists()
+
+
+def test_push_of_a_model_without_an_environment_uploads_its_fqe_estimate(pendulum_id, tmp_path, capsys):
+    """`dtlab push` evaluates in the environment by default, and only where there is one: a model of env-less data
+    is pushed with its FQE estimate (`--ope_updates`), against the local Hub server."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import HubServer
+
+    model = BC(spec=dataclasses.replace(OfflineDataModule(pendulum_id).transitions.spec, env_spec=None).to_dict())
+    folder = save_pretrained(model, tmp_path / "model")
+    with HubServer() as hub:
+        argv = ["push", str(folder), "--repo_id", "user/bc-no-env", "--ope_updates", "10"]
+        out = subprocess.run(
+            [sys.executable, "-c", "import sys; from dtlab.cli import main; main(sys.argv[1:])", *argv],
+            capture_output=True, text=True, timeout=300, env={**os.environ, **hub.env()},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "pushed BC to user/bc-no-env (FQE estimate: return" in out.stdout
+        pushed = json.loads(hub.repos["user/bc-no-env"]["config.json"])
+        assert pushed["evaluation"] is None and pushed["ope"]["method"] == "fqe"
+        assert b"FQE off-policy estimate, not a rollout" in hub.repos["user/bc-no-env"]["README.md"]
