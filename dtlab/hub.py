@@ -346,35 +346,26 @@ def model_card(model: OfflineRLModule, config: dict[str, Any], files: list[str],
     spec: DatasetSpec = model.spec
     algorithm = type(model).__name__
     evaluation, ope = config["evaluation"], config.get("ope")
-    results = []
-    if ope is not None:  # listed as its own metric type, never as a measured score
-        metric, value = ("normalized_score", ope["normalized_score"]) if "normalized_score" in ope else ("return", ope["return"])
-        results.append(
-            EvalResult(
-                task_type="reinforcement-learning",
-                task_name="Offline reinforcement learning",
-                dataset_type=spec.dataset_id,
-                dataset_name=spec.dataset_id,
-                metric_type=f"fqe_estimated_{metric}",
-                metric_name=f"{metric.replace('_', ' ')} (FQE off-policy estimate, not a rollout)",
-                metric_value=round(value, 2),
-            )
-        )
+    # (metric, value, how it was measured) per evaluation; an FQE estimate is its own metric type, never a measured score
+    measured = []
     if evaluation is not None:
-        metric, value = (
-            ("normalized_score", evaluation["normalized_score_mean"]) if "normalized_score_mean" in evaluation else ("return", evaluation["return_mean"])
+        metric = "normalized_score" if "normalized_score_mean" in evaluation else "return"
+        measured.append((metric, evaluation[f"{metric}_mean"], f"{evaluation['episodes']} episodes"))
+    if ope is not None:
+        metric = "normalized_score" if "normalized_score" in ope else "return"
+        measured.append((f"fqe_estimated_{metric}", ope[metric], "FQE off-policy estimate, not a rollout"))
+    results = [
+        EvalResult(
+            task_type="reinforcement-learning",
+            task_name="Offline reinforcement learning",
+            dataset_type=spec.dataset_id,
+            dataset_name=spec.dataset_id,
+            metric_type=metric,
+            metric_name=f"{metric.removeprefix('fqe_estimated_').replace('_', ' ')} ({how})",
+            metric_value=round(value, 2),
         )
-        results.append(
-            EvalResult(
-                task_type="reinforcement-learning",
-                task_name="Offline reinforcement learning",
-                dataset_type=spec.dataset_id,
-                dataset_name=spec.dataset_id,
-                metric_type=metric,
-                metric_name=f"{metric.replace('_', ' ')} ({evaluation['episodes']} episodes)",
-                metric_value=round(value, 2),
-            )
-        )
+        for metric, value, how in measured
+    ]
     env_id = config["env_id"]
     data = ModelCardData(
         library_name="dtlab",
