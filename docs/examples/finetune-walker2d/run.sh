@@ -2,7 +2,7 @@
 # Offline-to-online fine-tuning on Walker2d medium (issue 28's CPU part): IQL, TD3+BC→TD3, CQL and Cal-QL,
 # seeds 0, 1, 2. Each seed trains its own offline policy (10k updates), then fine-tunes it online for 10k env
 # steps after a 1k warm-up (conf/finetune/*: balanced replay 0.5, one update per env step), with 10 evaluation
-# episodes every 2000 updates. One thread per run. Usage (from the repository root):
+# episodes every 2000 updates. One thread per run; finished runs are kept, so the script resumes. Usage (from the repository root):
 #   MINARI_DATASETS_PATH=../shared/datasets/minari bash docs/examples/finetune-walker2d/run.sh OUT [SEEDS] [ALGOS]
 set -euo pipefail
 out=${1:?usage: run.sh OUT [SEEDS] [ALGOS]}
@@ -15,7 +15,10 @@ for k in $seeds; do
     off=$out/off_$k; on=$out/on_$k
     extra=()
     [ "$algo" = td3bc ] && extra=(--model.init_args.bc_anneal_updates 5000)  # BC weight 1 → 0 over the first half
-    if [ ! -f "$off/$algo/version_0/checkpoints/last.ckpt" ] || [ ! -f "$off/$algo/version_0/run_summary.json" ]; then
+    # a run stopped part-way (no run_summary.json) is started again from scratch
+    [ -f "$off/$algo/version_0/run_summary.json" ] || rm -rf "$off/$algo"
+    [ -f "$on/$algo/version_0/run_summary.json" ] || rm -rf "$on/$algo"
+    if [ ! -f "$off/$algo/version_0/run_summary.json" ]; then
       dtlab fit -c conf/$algo.yaml --data.dataset_id $data --seed_everything $k --data.seed $k \
         --trainer.max_steps 10000 --data.steps_per_epoch 5000 --evaluation.episodes 10 --runs_dir "$off" \
         --trainer.enable_progress_bar false > "$out/log_off_${algo}_$k.txt" 2>&1
