@@ -39,7 +39,7 @@ VALUE_TESTS = "tests/test_losses.py tests/test_value_methods.py"
 # module -> the tests that cover it (kept to the fast files: a mutant costs one run of these).
 MODULES = {
     # the value tests first (seconds), then seeds as members, then the contract's budget, resume and checkpoint tests
-    "dtlab/algos/base.py": f"{FAST} {VALUE_TESTS} tests/test_members.py tests/test_contract.py -k 'not test_contract or fresh_process or trains_nothing or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql)'",
+    "dtlab/algos/base.py": f"{FAST} {VALUE_TESTS} tests/test_members.py tests/test_contract.py -k 'not test_contract or fresh_process or trains_nothing or automatic_optimisation or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql)'",
     "dtlab/algos/actor_critic.py": f"{FAST} {VALUE_TESTS} tests/test_contract.py -k 'not test_contract or ((unit or ddp) and (td3bc or iql))'",
     "dtlab/algos/bc.py": f"{FAST} {VALUE_TESTS} -k bc",
     "dtlab/algos/td3bc.py": f"{FAST} {VALUE_TESTS} -k td3bc",
