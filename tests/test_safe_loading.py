@@ -220,6 +220,7 @@ def test_a_crafted_model_folder_runs_no_code_and_unknown_hyperparameters_are_one
         ({"_class_path": "dtlab_evil_module.Env"}, "_class_path 'dtlab_evil_module.Env' is not a dtlab algorithm"),
         ({"no_such_option": 1}, "'no_such_option' is not a parameter of BC"),
         ({"hidden_dims": {"class_path": "dtlab_evil_module.Env"}}, "hidden_dims.class_path holds an import path"),
+        ({"hidden_dims": [64, {"init_args": {"class_path": "dtlab_evil_module.Env"}}]}, "hidden_dims[1].init_args.class_path holds an import path"),
     ],
 )
 def test_fit_ckpt_path_reads_hyperparameters_as_data(changes, expected, bc_checkpoint, pendulum_id, marker, tmp_path, capsys):
