@@ -107,6 +107,11 @@ def test_a_member_is_an_ordinary_single_seed_model(pendulum_id, tmp_path):
         save_pretrained(members, tmp_path / "refused")
     with pytest.raises(UsageError, match="seeds \\[4, 7\\]"):
         member(str(last), str(tmp_path / "none"), seed=5)
+    last_member, second = members.member(-1).state_dict(), members.member(1).state_dict()
+    assert all(torch.equal(last_member[k], second[k]) for k in second)
+    for index in (2, -3):
+        with pytest.raises(IndexError, match=f"holds 2 members \\(seeds \\[4, 7\\]\\); member {index} does not exist"):
+            members.member(index)
 
 
 def test_online_fine_tuning_and_warm_start_refuse_members(pendulum_id, tmp_path):
