@@ -54,7 +54,10 @@ MODULES = {
     "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
     # what may run code when a file is loaded: hyperparameters and environments read as data
     "dtlab/checkpoints.py": f"{FAST} tests/test_loading.py tests/test_safe_loading.py tests/test_reliability.py -k 'checkpoint or crafted or hyperparameters or tensor'",
-    "dtlab/envs.py": f"{FAST} tests/test_safe_loading.py tests/test_reliability.py -k 'environment or crafted or transformers'",
+    "dtlab/envs.py": (
+        f"{FAST} tests/test_evaluation.py tests/test_safe_loading.py tests/test_reliability.py tests/test_online.py tests/test_cli.py"
+        " -k 'test_evaluation or environment or crafted or transformers or nan or collector or video'"
+    ),
 }
 NOT_SAMPLED = "not sampled"
 ANNOTATION = "annotation"
