@@ -2,7 +2,8 @@
 # Offline-to-online fine-tuning on Walker2d medium (issue 28's CPU part): IQL, TD3+BC→TD3, CQL and Cal-QL,
 # seeds 0, 1, 2. Each seed trains its own offline policy (10k updates), then fine-tunes it online for 10k env
 # steps after a 1k warm-up (conf/finetune/*: balanced replay 0.5, one update per env step), with 10 evaluation
-# episodes every 2000 updates. One thread per run; run it again to continue after a stop (finished runs are kept, a stopped one resumes from its last checkpoint). Usage (from the repository root):
+# episodes every 2000 updates. One thread per run. Run it again to continue after a stop: finished runs are kept,
+# a stopped one resumes from its last checkpoint. Usage (from the repository root):
 #   MINARI_DATASETS_PATH=../shared/datasets/minari bash docs/examples/finetune-walker2d/run.sh OUT [SEEDS] [ALGOS]
 set -euo pipefail
 out=${1:?usage: run.sh OUT [SEEDS] [ALGOS]}
