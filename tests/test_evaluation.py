@@ -129,3 +129,20 @@ def test_evaluation_runs_at_the_interval_and_always_at_the_end():
     trainer.max_epochs, trainer.max_steps, trainer.global_step, trainer.current_epoch = 100, 30, 30, 0
     callback.on_train_epoch_end(trainer, module)  # max_steps reached in the first epoch: the last evaluation
     assert calls == [0]
+
+
+def test_a_policy_that_acts_nan_stops_the_rollout_in_one_message():
+    """Non-finite actions are refused before they reach the environment (MuJoCo would simulate NaN silently)."""
+    from dtlab.envs import rollout
+
+    class NaNAgent:
+        def act(self, observations: np.ndarray) -> np.ndarray:
+            return np.full((len(observations), 1), np.nan, dtype=np.float32)
+
+        def observe(self, rewards: np.ndarray, ended: np.ndarray) -> None:
+            pass
+
+    env = gym.make_vec("Pendulum-v1", num_envs=2, vectorization_mode="sync")
+    with pytest.raises(FloatingPointError, match="non-finite actions"):
+        rollout(NaNAgent(), env, [0, 1])
+    env.close()

@@ -87,3 +87,32 @@ def test_a_checkpoint_without_a_tensor_is_refused_naming_it(name, tmp_path, caps
     torch.save(checkpoint | {"state_dict": state}, cut)
     with pytest.raises(CheckpointError, match=f"does not fit the {name} .*{tensor}"):
         load_checkpoint(cut)
+
+
+def test_ckpt_path_last_takes_the_newest_complete_run_of_its_kind(tmp_path):
+    """`--ckpt_path last` picks by modification time, newest first, and only among runs of the same kind (online
+    fine-tuning or offline), skipping an unreadable file with a warning."""
+    import os
+    import warnings
+
+    from dtlab.checkpoints import newest_complete_checkpoint
+
+    def write(version: int, mtime: int, online: bool = False, broken: bool = False) -> Path:
+        path = tmp_path / f"version_{version}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"callbacks": {"OnlineFinetuning": {}} if online else {}}, path)
+        if broken:
+            path.write_bytes(path.read_bytes()[:20])
+        os.utime(path, (mtime, mtime))
+        return path
+
+    older, newer = write(0, 1000), write(1, 2000)
+    online = write(2, 3000, online=True)
+    write(3, 4000, broken=True)  # the newest, cut short by a kill
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert newest_complete_checkpoint(tmp_path, online=False) == (newer, newer.parent.parent)
+        assert newest_complete_checkpoint(tmp_path, online=True) == (online, online.parent.parent)
+    assert sum("skipping" in str(w.message) and "version_3" in str(w.message) for w in caught) == 2
+    os.utime(older, (5000, 5000))
+    assert newest_complete_checkpoint(tmp_path, online=False)[0] == older

@@ -53,7 +53,10 @@ MODULES = {
     "dtlab/data/recording.py": f"{FAST} tests/test_recording.py",
     "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
     # what may run code when a file is loaded: hyperparameters and environments read as data
-    "dtlab/checkpoints.py": f"{FAST} tests/test_loading.py tests/test_safe_loading.py tests/test_reliability.py -k 'checkpoint or crafted or hyperparameters or tensor'",
+    "dtlab/checkpoints.py": (
+        f"{FAST} tests/test_loading.py tests/test_safe_loading.py tests/test_reliability.py tests/test_members.py"
+        " -k 'checkpoint or crafted or hyperparameters or tensor or newest or ordinary'"
+    ),
     "dtlab/envs.py": (
         f"{FAST} tests/test_evaluation.py tests/test_safe_loading.py tests/test_reliability.py tests/test_online.py tests/test_cli.py"
         " -k 'test_evaluation or environment or crafted or transformers or nan or collector or video'"
