@@ -375,8 +375,11 @@ def save(
     print(f"{path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
 
 
-def _card_evaluations(model: "OfflineRLModule", eval_episodes: int, ope_updates: int, seed: int) -> tuple[dict | None, dict | None]:
-    """What `save` and `push` put in the card: rollouts in the environment and/or an FQE estimate from the data."""
+def _card_evaluations(
+    model: "OfflineRLModule", eval_episodes: int, ope_updates: int, seed: int, before: Callable[[], Any] | None = None
+) -> tuple[dict | None, dict | None]:
+    """What `save` and `push` put in the card: rollouts in the environment and/or an FQE estimate from the data.
+    Bad options are refused first; `before` (push: the Hub's token check) runs after them, before any evaluation."""
     from dtlab.hub import estimate_for_card, evaluate_for_card
 
     if eval_episodes < 0 or ope_updates < 0:
@@ -386,8 +389,10 @@ def _card_evaluations(model: "OfflineRLModule", eval_episodes: int, ope_updates:
             f"--eval_episodes {eval_episodes}: the model's data ('{model.spec.dataset_id}') names no environment to evaluate in; "
             "use --eval_episodes 0, and --ope_updates N for an off-policy (FQE) estimate from the data."
         )
+    if before is not None:
+        before()
+    ope = estimate_for_card(model, ope_updates, seed=seed) if ope_updates > 0 else None  # first: it refuses a DT at once
     evaluation = evaluate_for_card(model, eval_episodes, seed) if eval_episodes > 0 else None
-    ope = estimate_for_card(model, ope_updates, seed=seed) if ope_updates > 0 else None
     return evaluation, ope
 
 
@@ -430,8 +435,8 @@ def push(
     model = load_model(checkpoint)
     if eval_episodes is None:
         eval_episodes = 10 if model.spec.env_spec is not None else 0
-    hub_user(token)  # a missing or refused token, or no network, before minutes of evaluation
-    evaluation, ope = _card_evaluations(model, eval_episodes, ope_updates, seed)
+    # a missing or refused token, or no network, is found before minutes of evaluation
+    evaluation, ope = _card_evaluations(model, eval_episodes, ope_updates, seed, before=lambda: hub_user(token))
     url = push_to_hub(model, repo_id, private=private, token=token, evaluation=evaluation, run_dir=_run_dir(checkpoint), video=video, ope=ope)
     scores = []
     if evaluation is not None:
