@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
             diffs = np.array(values) - np.array([r["fqe"]["value"] for r in rows])
             record["scores"][f"d3rlpy_{scaler}"]["spearman_with_dtlab"] = spearman(values, [r["fqe"]["value"] for r in rows])
             record["scores"][f"d3rlpy_{scaler}"]["mean_absolute_difference_from_dtlab"] = float(np.abs(diffs).mean())
+            both = [i for i in reach if low <= rows[i]["fqe"]["value"] <= high]  # neither estimator diverged
+            record["scores"][f"d3rlpy_{scaler}"]["mean_absolute_difference_from_dtlab_both_reachable"] = float(np.abs(diffs[both]).mean())
     record["time_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
     save()
     for name, s in record["scores"].items():
