@@ -146,3 +146,29 @@ def test_a_policy_that_acts_nan_stops_the_rollout_in_one_message():
     with pytest.raises(FloatingPointError, match="non-finite actions"):
         rollout(NaNAgent(), env, [0, 1])
     env.close()
+
+
+def test_a_rollout_counts_each_episode_until_its_own_end():
+    """Sub-environments whose episodes end at different steps (CartPole pushed left: 11, 10, 9, 8 steps from seeds
+    0, 1, 2, 4): each return and length stops at its own episode's end, whatever the others still do; the step hook
+    sees each episode's steps as running and the episode-end callback counts every episode once."""
+    from dtlab.envs import rollout
+
+    class PushLeft:
+        def act(self, observations: np.ndarray) -> np.ndarray:
+            return np.zeros(len(observations), dtype=np.int64)
+
+        def observe(self, rewards: np.ndarray, ended: np.ndarray) -> None:
+            pass
+
+    seeds, expected = [0, 1, 2, 4], [11, 10, 9, 8]
+    running_steps, ended = np.zeros(4, dtype=np.int64), []
+
+    def count_running(observations, actions, rewards, next_observations, running) -> None:
+        running_steps[:] += running
+
+    env = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync")
+    returns, lengths = rollout(PushLeft(), env, seeds, on_episode_end=ended.append, on_step=count_running)
+    env.close()
+    assert lengths.tolist() == expected and returns.tolist() == expected  # CartPole pays 1 per step
+    assert running_steps.tolist() == expected and sum(ended) == 4
