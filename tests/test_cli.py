@@ -155,6 +155,9 @@ def test_evaluate_records_a_video_of_the_first_episode(pendulum_id, tmp_path, ca
     frames = iio.imread(tmp_path / "episode.mp4")
     assert frames.shape == (200, 500, 500, 3)  # Pendulum-v1: 200 steps of 500 x 500 RGB
     assert frames.std() > 1.0  # not a blank render
+    main(["evaluate", str(ckpt), "--episodes", "1", "--video", str(tmp_path / "episode.gif")])
+    meta = iio.immeta(tmp_path / "episode.gif")  # a looping GIF at the env's 30 frames/s (GIF counts in 1/100 s)
+    assert meta["loop"] == 0 and meta["duration"] == 30 and iio.improps(tmp_path / "episode.gif").shape[0] == 200
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
