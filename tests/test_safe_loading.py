@@ -98,7 +98,7 @@ def crafted_spec(env_spec: dict) -> DatasetSpec:
 @pytest.mark.parametrize("case", CRAFTED_ENVS)
 def test_a_stored_environment_spec_never_imports_code(case, marker):
     try:
-        with pytest.warns(UserWarning) if "wrapper" in case else _no_warning():
+        with pytest.warns(UserWarning, match=r"wrappers stored with its environment \(\['Evil'\]\) are not applied") if "wrapper" in case else _no_warning():
             env = make_vector_env(crafted_spec(CRAFTED_ENVS[case]), 1)
     except DatasetError as err:
         assert "\n" not in str(err) and "crafted/data-v0" in str(err)
