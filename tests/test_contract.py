@@ -211,27 +211,6 @@ def test_resume_from_a_checkpoint_written_mid_epoch_at_a_batch_end_is_exact(conf
         assert {s: train_rows(tmp_path / "straight")[s] for s in range(stop, 9)} == {s: rows[s] for s in range(stop, 9)}
 
 
-def test_a_bc_checkpoint_from_automatic_optimisation_resumes_at_its_update(pendulum_id, tmp_path, capsys):
-    """BC trained under Lightning's automatic optimisation before it moved to the update runner: its checkpoints count
-    updates as automatic optimiser steps. Resumed now, the fit continues at that update, to the straight run's weights."""
-    budget = ("--data.steps_per_epoch", "3", "--evaluation.episodes", "0")
-    straight = fit("bc.yaml", pendulum_id, tmp_path / "straight", *budget, "--trainer.max_steps", "9")
-    fit("bc.yaml", pendulum_id, tmp_path / "old", *budget, "--trainer.max_steps", "6")
-    path = next((tmp_path / "old").rglob("last.ckpt"))
-    checkpoint = read_checkpoint(path)
-    loops = checkpoint["loops"]["fit_loop"]
-    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
-    assert manual["total"]["completed"] == 6
-    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = manual
-    loops["epoch_loop.manual_optimization.optim_step_progress"] = {k: dict.fromkeys(v, 0) for k, v in manual.items()}
-    torch.save(checkpoint, path)  # as the older dtlab wrote it
-    capsys.readouterr()
-    resumed = fit("bc.yaml", pendulum_id, tmp_path / "old", *budget, "--trainer.max_steps", "9", "--ckpt_path", "last")
-    assert "updates      9 (3 in this fit)" in capsys.readouterr().out
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[name], b[name]) for name in a)
-
-
 def test_iql_resumed_to_a_new_budget_warns_that_its_schedule_changes(pendulum_id, tmp_path):
     fit("iql.yaml", pendulum_id, tmp_path, "--data.steps_per_epoch", "2", "--trainer.max_steps", "2", "--evaluation.episodes", "0")
     with pytest.warns(UserWarning, match="cosine schedule spanned 2 updates and now spans 4"):

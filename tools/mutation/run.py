@@ -39,7 +39,11 @@ VALUE_TESTS = "tests/test_losses.py tests/test_value_methods.py"
 # module -> the tests that cover it (kept to the fast files: a mutant costs one run of these).
 MODULES = {
     # the value tests first (seconds), then seeds as members, then the contract's budget, resume and checkpoint tests
-    "dtlab/algos/base.py": f"{FAST} {VALUE_TESTS} tests/test_members.py tests/test_contract.py -k 'not test_contract or fresh_process or trains_nothing or automatic_optimisation or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql)'",
+    "dtlab/algos/base.py": (
+        f"{FAST} {VALUE_TESTS} tests/test_members.py tests/test_contract.py tests/test_fast_path.py"
+        " -k '(not test_contract and not test_fast_path) or fresh_process or trains_nothing or automatic_optimisation"
+        " or runner or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql)'"
+    ),
     "dtlab/algos/actor_critic.py": f"{FAST} {VALUE_TESTS} tests/test_contract.py -k 'not test_contract or ((unit or ddp) and (td3bc or iql))'",
     "dtlab/algos/bc.py": f"{FAST} {VALUE_TESTS} -k bc",
     "dtlab/algos/td3bc.py": f"{FAST} {VALUE_TESTS} -k td3bc",
@@ -48,7 +52,10 @@ MODULES = {
     # DT without its three end-to-end fits (CartPole, the conditioning slope, the CLI run): each takes 5-20 s
     "dtlab/algos/dt.py": f"{FAST} tests/test_dt.py tests/test_losses.py -k '(dt or decision) and not cartpole and not rises and not config_runs'",
     "dtlab/data/samplers.py": f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py",
-    "dtlab/data/module.py": f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py",
+    "dtlab/data/module.py": (
+        f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py tests/test_fast_path.py tests/test_reliability.py"
+        " -k 'not test_reliability or impossible'"
+    ),
     "dtlab/data/convert.py": f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py -k 'not checkpoint'",
     "dtlab/data/recording.py": f"{FAST} tests/test_recording.py",
     "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
