@@ -238,3 +238,10 @@ def test_processes_of_a_ddp_run_share_the_memory_mapped_file_by_default(pendulum
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(single.transitions.sample_transitions(32, generator()).observations, ddp.transitions.sample_transitions(32, generator()).observations)
     assert ddp.hparams["global_batch_size"] == 2 * ddp.batch_size
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_the_python_api_refuses_a_fraction_outside_0_1(fraction, pendulum_id):
+    """The CLI refuses these at parse time; a DataModule built in Python refuses them at once, in one message."""
+    with pytest.raises(ValueError, match=rf"data.fraction must be in \(0, 1\] .*got {fraction}"):
+        OfflineDataModule(pendulum_id, fraction=fraction)
