@@ -447,3 +447,21 @@ def _discrete_spec() -> dict:
         obs_mean=[0.0] * 4, obs_std=[1.0] * 4, num_episodes=1, num_transitions=10, max_episode_steps=10,
         return_min=0.0, return_max=1.0, return_mean=0.5,
     )  # fmt: skip
+
+
+def test_the_online_dts_samples_follow_its_gaussian(pendulum: OfflineDataModule) -> None:
+    """An exploratory action is tanh(mean + σ ε) in the action box: undone, the samples have the policy's mean and σ."""
+    torch.manual_seed(0)
+    policy = DecisionTransformer(spec=pendulum.spec, context_len=4, embed_dim=16, n_layer=1, n_head=1, stochastic=True).policy
+    with torch.no_grad():
+        hidden = torch.randn(1, 16).expand(40000, 16)
+        mean, log_std = (t[0] for t in policy.distribution(hidden[:1]))
+        pre_tanh = torch.atanh(policy.action_scaler.to_unit(policy.sample(hidden, torch.Generator().manual_seed(0))).clamp(-0.999999, 0.999999))
+    torch.testing.assert_close(pre_tanh.mean(0), mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(pre_tanh.std(0), log_std.exp(), atol=0, rtol=0.03)
+
+
+@pytest.mark.parametrize("cache_keep", [-1, 4, 5])
+def test_cache_keep_outside_the_context_is_refused(cache_keep: int, pendulum: OfflineDataModule) -> None:
+    with pytest.raises(ValueError, match=rf"cache_keep must be in \[0, context_len\) = \[0, 4\), got {cache_keep}"):
+        DecisionTransformer(spec=pendulum.spec, context_len=4, embed_dim=16, n_layer=1, n_head=1, cache_keep=cache_keep)

@@ -50,7 +50,7 @@ MODULES = {
     "dtlab/algos/iql.py": f"{FAST} {VALUE_TESTS} -k iql",
     "dtlab/algos/cql.py": f"{FAST} {VALUE_TESTS} -k 'cql'",
     # DT without its three end-to-end fits (CartPole, the conditioning slope, the CLI run): each takes 5-20 s
-    "dtlab/algos/dt.py": f"{FAST} tests/test_dt.py tests/test_losses.py -k '(dt or decision) and not cartpole and not rises and not config_runs'",
+    "dtlab/algos/dt.py": f"{FAST} tests/test_dt.py tests/test_losses.py tests/test_fast_path.py -k '(dt or decision) and not cartpole and not rises and not config_runs'",
     "dtlab/data/samplers.py": f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py",
     "dtlab/data/module.py": (
         f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py tests/test_fast_path.py tests/test_reliability.py"
