@@ -76,13 +76,10 @@ def evaluate_for_card(model: OfflineRLModule, episodes: int, seed: int = 0) -> d
 def estimate_for_card(model: OfflineRLModule, updates: int, batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
     """Fitted Q Evaluation (dtlab.ope, d3rlpy's defaults) of the model's policy on the data it was trained on, for a
     card where no environment can be rolled out: an estimate, marked as one (`method: fqe`)."""
-    from dtlab.commands import UsageError
     from dtlab.data.module import OfflineDataModule
-    from dtlab.ope import estimate_policy
-    from dtlab.policy import Policy
+    from dtlab.ope import estimate_policy, require_stateless_policy
 
-    if not isinstance(getattr(model, "policy", None), Policy):
-        raise UsageError(f"--ope_updates: FQE evaluates stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL), not a {type(model).__name__}.")
+    require_stateless_policy(model, "--ope_updates")
     transitions = OfflineDataModule(model.spec.dataset_id).transitions
     estimate = estimate_policy(model, transitions, updates, batch_size, seed=seed)
     return {"method": "fqe", "dataset_id": model.spec.dataset_id, "updates": updates, "batch_size": batch_size, "seed": seed} | estimate

@@ -199,6 +199,17 @@ class FQE(L.LightningModule):
         return out
 
 
+def require_stateless_policy(model: L.LightningModule, what: str) -> None:
+    """FQE's target Q(s', π(s')) needs a policy of the state alone: one UsageError naming `what` otherwise."""
+    from dtlab.commands import UsageError
+
+    if not isinstance(getattr(model, "policy", None), Policy):
+        raise UsageError(
+            f"{what}: a {type(model).__name__} acts on a window of its own history (and a target return), which FQE's "
+            "Q(s', π(s')) cannot feed; FQE evaluates the stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL)."
+        )
+
+
 def estimate_policy(
     model: L.LightningModule, transitions: Transitions, updates: int, batch_size: int = 100, fqe: dict[str, Any] | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -298,8 +309,7 @@ class FQEEvaluation(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from dtlab.commands import UsageError
 
-        if not isinstance(getattr(pl_module, "policy", None), Policy):
-            raise UsageError(f"FQEEvaluation: a {type(pl_module).__name__} is not a stateless policy; FQE evaluates BC, TD3+BC, IQL, CQL and Cal-QL.")
+        require_stateless_policy(pl_module, "FQEEvaluation")
         pl_module.require_single_seed("FQEEvaluation")
         try:  # bad FQE arguments fail before training
             FQE(pl_module.spec.to_dict(), copy.deepcopy(pl_module.policy), **self.fqe)
@@ -403,17 +413,12 @@ def plot_estimates(rows: list[dict[str, Any]], path: Path, spec: DatasetSpec, di
 
 def load_policies(sources: Sequence[str], spec: DatasetSpec) -> list[Any]:
     """Every model named, checked before any fit: a stateless policy of one seed, of the data's spaces."""
-    from dtlab.commands import UsageError
     from dtlab.hub import load_model
 
     models = []
     for source in sources:
         model = load_model(source)
-        if not isinstance(model.policy, Policy):
-            raise UsageError(
-                f"{source}: a {type(model).__name__} acts on a window of its own history (and a target return), which FQE's "
-                "Q(s', π(s')) cannot feed; `dtlab ope` evaluates the stateless policies (BC, TD3+BC, IQL, CQL, Cal-QL)."
-            )
+        require_stateless_policy(model, source)
         model.require_single_seed(f"Off-policy evaluation of {source}")
         model.spec.check_compatible(spec, f"Policy {source}")
         models.append(model)
