@@ -113,6 +113,9 @@ def test_a_mixture_concatenates_episodes_and_recomputes_statistics(pendulum_id, 
 
     with pytest.raises(DatasetError, match="does not match.*same environment"):
         OfflineDataModule(f"{pendulum_id}+{cartpole_id}").setup()
+    for listed_twice in (f"{pendulum_id}+{pendulum_id}", f"{pendulum_id}+{expert_id}+{pendulum_id}", f"{pendulum_id}+"):
+        with pytest.raises(DatasetError, match="list each dataset once"):
+            OfflineDataModule(listed_twice).setup()
 
 
 def test_checked_actions_refuses_what_leaves_the_space_and_names_the_first() -> None:

@@ -56,6 +56,36 @@ def test_unknown_dataset_offline_fails_fast_and_lists_local_ids(pendulum_id, mon
     assert "nowhere/missing-v0" in message and pendulum_id in message and "MINARI_DATASETS_PATH" in message and "cannot be reached" in message
 
 
+def test_hub_reachability_follows_hf_endpoint_and_the_offline_switch(monkeypatch):
+    """Whether a missing dataset is looked for on the Hub: the endpoint answers (a socket listening on
+    127.0.0.1 here), unless HF_HUB_OFFLINE says not to try; an endpoint that refuses is unreachable."""
+    import socket
+
+    import huggingface_hub
+
+    from dtlab.data.convert import hub_reachable
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        assert hub_reachable(timeout=2)
+        for value in ("1", "true", "YES"):
+            monkeypatch.setenv("HF_HUB_OFFLINE", value)
+            assert not hub_reachable(timeout=2)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not hub_reachable(timeout=2)  # the server is closed: the port refuses
+
+
+def test_a_hub_dataset_that_cannot_be_downloaded_is_one_line():
+    """conftest sets HF_HUB_OFFLINE=1: huggingface_hub raises LocalEntryNotFoundError (an OSError) with a
+    multi-line text; the user gets the dataset's id and the first line."""
+    with pytest.raises(DatasetError) as info:
+        load_trajectories("hf:nobody/absent")
+    message = str(info.value)
+    assert message.startswith("Dataset 'hf:nobody/absent' could not be downloaded from the Hub: LocalEntryNotFoundError")
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("field", ["observations", "rewards"])
 def test_nan_or_inf_is_rejected(field):
     bad = episode(6)
@@ -133,6 +163,16 @@ def test_full_cache_names_dtlab_cache_dir(monkeypatch):
         load_trajectories("unit/full-v0")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 2 * raw))
     assert load_trajectories("unit/full-v0")[1].num_transitions == 4
+
+
+def test_a_full_cache_says_how_much_is_free_and_how_much_is_needed(monkeypatch):
+    write_dataset("unit/full-numbers-v0", [episode(4)])
+    (dataset_dir("unit/full-numbers-v0") / "padding.bin").write_bytes(bytes(3 * 2**20))  # counted with the raw files
+    raw = sum(p.stat().st_size for p in dataset_dir("unit/full-numbers-v0").rglob("*") if p.is_file())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 4 * 2**20))
+    with pytest.raises(DatasetError, match=rf"has 4 MiB free; converting 'unit/full-numbers-v0' needs about {2 * raw / 2**20:.0f} MiB"):
+        load_trajectories("unit/full-numbers-v0")
+    assert round(2 * raw / 2**20) == 6
 
 
 def test_a_disk_that_fills_at_the_lock_file_names_dtlab_cache_dir(monkeypatch):

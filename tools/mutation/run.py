@@ -56,7 +56,11 @@ MODULES = {
         f"{FAST} tests/test_samplers.py tests/test_trajectories.py tests/test_data.py tests/test_fast_path.py tests/test_reliability.py"
         " -k 'not test_reliability or impossible'"
     ),
-    "dtlab/data/convert.py": f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py -k 'not checkpoint'",
+    # with the Hub's dataset round trip (push-dataset, then training from hf:user/name; about 15 s)
+    "dtlab/data/convert.py": (
+        f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py tests/test_hub.py"
+        " -k 'not checkpoint and (not test_hub or dataset)'"
+    ),
     "dtlab/data/recording.py": f"{FAST} tests/test_recording.py",
     "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
     # what may run code when a file is loaded: hyperparameters and environments read as data
