@@ -58,8 +58,7 @@ MODULES = {
     ),
     # with the Hub's dataset round trip (push-dataset, then training from hf:user/name; about 15 s)
     "dtlab/data/convert.py": (
-        f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py tests/test_hub.py"
-        " -k 'not checkpoint and (not test_hub or dataset)'"
+        f"{FAST} tests/test_data.py tests/test_trajectories.py tests/test_reliability.py tests/test_hub.py -k 'not checkpoint and (not test_hub or dataset)'"
     ),
     "dtlab/data/recording.py": f"{FAST} tests/test_recording.py",
     "dtlab/data/paths.py": f"{FAST} tests/test_data.py tests/test_recording.py tests/test_reliability.py -k 'not checkpoint or staging or kill_during'",
