@@ -328,6 +328,30 @@ def test_datamodule_draws_on_the_trainers_device_unless_told_not_to(pendulum_id:
     assert dm.transitions.nbytes() == moved._packed.nbytes + sum(v.nbytes for v in others), "the size printed is the size copied"
 
 
+def test_the_copy_to_an_accelerator_is_made_once_and_refused_in_one_line_when_it_cannot_fit(pendulum_id: str, monkeypatch, capsys) -> None:
+    """What a GPU run does before its first batch, on a CPU: the `meta` device stands in for the accelerator (tensors
+    with shapes and no storage), CUDA's free memory is what `torch.cuda.mem_get_info` says (patched), and the data's
+    size is set to 5 MiB so that the messages' numbers show."""
+    from types import SimpleNamespace
+
+    from dtlab.spec import DatasetError
+
+    dm = OfflineDataModule(pendulum_id)
+    monkeypatch.setattr(type(dm.transitions), "nbytes", lambda self: 5 * 2**20)
+    meta = torch.device("meta")
+    moved = dm.device_transitions(meta)
+    assert moved.device == meta and dm.device_transitions(meta) is moved, "copied once, then reused"
+    assert capsys.readouterr().out.count("dtlab: 5 MiB of transitions in meta memory") == 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**20, 8 * 2**20))
+    with pytest.raises(DatasetError, match=r"needs 5 MiB on cuda and 3 of 8 MiB are free: pass --data.on_device false"):
+        dm.device_transitions(torch.device("cuda"))
+    # batches are drawn on the trainer's device, except during an online phase (its replay lives on the host)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=meta))
+    assert dm.sample_device() == meta
+    dm.mix_online = lambda offline: offline
+    assert dm.sample_device() == torch.device("cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_sampler_draws_without_host_synchronisation(pendulum_id: str) -> None:
     """On a GPU: batches live on the device, repeat per (seed, update), and drawing them never synchronises with the host."""
