@@ -51,6 +51,25 @@ def algorithm_names(args: list[str]) -> list[str]:
     return out
 
 
+def warn_options_before_config(args: list[str]) -> None:
+    """Options apply left to right, so a config file given after an option sets again what the option set, and one
+    that names another model drops every `--model.init_args` option before it, silently. Say so, on stderr."""
+    early: list[str] = []
+    for i, arg in enumerate(args):
+        option = arg.partition("=")[0]
+        if option in ("-c", "--config") and early:
+            path = arg.partition("=")[2] or (args[i + 1] if i + 1 < len(args) else "")
+            print(
+                f"dtlab fit: {', '.join(early)} come before -c {path}: options apply left to right, so the config file overrides "
+                "what they set (and a model it names drops their --model.init_args). Put -c first.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if option.startswith("--") and option not in ("-c", "--config"):
+            early.append(option)
+
+
 class ArgumentParser(LightningArgumentParser):
     """Lightning's parser; an error in --model or its options is one line (exit status 2, as any other parse error),
     not the usage and a union dump."""
@@ -247,6 +266,7 @@ def run_cli(args: list[str] | None = None) -> DTLabCLI:
     base = [str(BASE_CONFIG)] if BASE_CONFIG.exists() else []
     if args is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = algorithm_names(sys.argv[1:])
+    warn_options_before_config(sys.argv[1:] if args is None else args)
     return DTLabCLI(
         OfflineRLModule,
         OfflineDataModule,

@@ -313,6 +313,20 @@ def test_model_errors_are_one_line_with_the_choices(tmp_path, capsys):
     assert "--model.init_args.expectile: Expected a <class 'float'>. Got value: high" in err
 
 
+def test_a_config_after_options_is_warned_about(capsys):
+    """`-c` after an option overrides it: a model named by the config drops the options of the model named before it."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "iql", "--model.init_args.seeds", "[0, 1]", "-c", str(CONF / "dt.yaml"), "--print_config"])
+    out, err = capsys.readouterr()
+    assert "dtlab.algos.DecisionTransformer" in out and "seeds" not in out  # what jsonargparse does: the later config wins
+    assert f"dtlab fit: --model, --model.init_args.seeds come before -c {CONF / 'dt.yaml'}: options apply left to right" in err
+    assert "Put -c first." in err
+    for in_order in (["-c", str(CONF / "iql.yaml"), "--model.init_args.seeds", "[0, 1]"], [f"--config={CONF / 'iql.yaml'}", "--trainer.max_steps", "5"]):
+        with pytest.raises(SystemExit):
+            main(["fit", *in_order, "--print_config"])
+        assert "dtlab fit:" not in capsys.readouterr().err
+
+
 def test_help_and_version_import_neither_torch_nor_lightning():
     """The overview, --version and every command's --help (fit's aside: it is LightningCLI's) load no torch,
     Lightning, transformers, gymnasium or matplotlib: they start in well under 2 s."""
