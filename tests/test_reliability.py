@@ -56,9 +56,10 @@ def test_unknown_dataset_offline_fails_fast_and_lists_local_ids(pendulum_id, mon
     assert "nowhere/missing-v0" in message and pendulum_id in message and "MINARI_DATASETS_PATH" in message and "cannot be reached" in message
 
 
-def test_hub_reachability_follows_hf_endpoint_and_the_offline_switch(monkeypatch):
+def test_reaching_the_hub_follows_hf_endpoint_and_the_offline_switch(monkeypatch):
     """Whether a missing dataset is looked for on the Hub: the endpoint answers (a socket listening on
-    127.0.0.1 here), unless HF_HUB_OFFLINE says not to try; an endpoint that refuses is unreachable."""
+    127.0.0.1 here), unless HF_HUB_OFFLINE says not to try; an endpoint that refuses is unreachable; an
+    endpoint without a port is tried on its scheme's."""
     import socket
 
     import huggingface_hub
@@ -74,6 +75,18 @@ def test_hub_reachability_follows_hf_endpoint_and_the_offline_switch(monkeypatch
             assert not hub_reachable(timeout=2)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert not hub_reachable(timeout=2)  # the server is closed: the port refuses
+
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append(address)
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for endpoint in ("https://hub.example", "http://hub.example"):
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        assert not hub_reachable(timeout=2)
+    assert tried == [("hub.example", 443), ("hub.example", 80)]
 
 
 def test_a_hub_dataset_that_cannot_be_downloaded_is_one_line():
