@@ -172,3 +172,23 @@ def test_a_rollout_counts_each_episode_until_its_own_end():
     env.close()
     assert lengths.tolist() == expected and returns.tolist() == expected  # CartPole pays 1 per step
     assert running_steps.tolist() == expected and sum(ended) == 4
+
+
+def test_mujocos_deprecation_notices_are_dropped_and_its_other_warnings_kept(monkeypatch):
+    """MuJoCo reports its warnings through one handler; dtlab's drops the deprecation notice MuJoCo 3.3+ prints for
+    gymnasium's model files at every env creation and turns every other message into a RuntimeWarning."""
+    import warnings
+
+    import mujoco
+
+    from dtlab.envs import _quiet_mujoco_deprecations
+
+    handlers = []
+    monkeypatch.setattr(mujoco, "set_mju_user_warning", handlers.append)
+    _quiet_mujoco_deprecations()
+    (handler,) = handlers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handler("the <compiler> attribute 'coordinate' is deprecated")
+        handler("Nan, Inf or huge value in QACC at DOF 0")
+    assert [(w.category, str(w.message)) for w in caught] == [(RuntimeWarning, "MuJoCo: Nan, Inf or huge value in QACC at DOF 0")]

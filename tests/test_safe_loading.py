@@ -119,8 +119,9 @@ def test_an_unregistered_environment_says_how_to_trust_its_entry_point(marker):
     with pytest.raises(DatasetError, match=r"not in gymnasium's registry.*--env_entry_point dtlab_evil_module:Env"):
         make_vector_env(spec, 1)
     assert not marker.exists()
-    with pytest.warns(UserWarning, match="imports and runs that module's code"):
+    with pytest.warns(UserWarning, match="imports and runs that module's code") as warned:
         trust_entry_point("dtlab_evil_module:Env")
+    assert warned[0].filename == __file__, "the warning points at the code that trusted the entry point"
     env = make_vector_env(spec, 1)  # named by the user: built from it
     assert marker.exists() and type(env.envs[0].unwrapped).__name__ == "Env"
     env.close()
