@@ -42,7 +42,7 @@ MODULES = {
     "dtlab/algos/base.py": (
         f"{FAST} {VALUE_TESTS} tests/test_members.py tests/test_contract.py tests/test_fast_path.py"
         " -k '(not test_contract and not test_fast_path) or fresh_process or trains_nothing or automatic_optimisation"
-        " or runner or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql)'"
+        " or runner or (resume_continues and (td3bc or iql or cql)) or (updates_are_the_unit and iql) or (two_process and td3bc)'"
     ),
     "dtlab/algos/actor_critic.py": f"{FAST} {VALUE_TESTS} tests/test_contract.py -k 'not test_contract or ((unit or ddp) and (td3bc or iql))'",
     "dtlab/algos/bc.py": f"{FAST} {VALUE_TESTS} -k bc",
