@@ -62,6 +62,17 @@ def test_embedded_default_is_built_on_first_use(tmp_path, monkeypatch):
     assert (np.diff(returns) > 0).all(), returns
     span = meta["ref_max_score"] - meta["ref_min_score"]
     assert returns[0] < meta["ref_min_score"] + 0.6 * span and returns[-1] > meta["ref_max_score"] - 0.1 * span
+    # the action noise is the documented std 0.5: near upright the controller is a PD on the angle, so an action
+    # minus the PD torque is the noise (where the strongest controller's limit of 2 seldom clips it)
+    residuals = []
+    for ep in ds.iterate_episodes():
+        if PENDULUM_TORQUES[ep.id % len(PENDULUM_TORQUES)] == max(PENDULUM_TORQUES):
+            cos, sin, velocity = ep.observations[:-1].T
+            pd = -10.0 * np.arctan2(sin, cos) - 2.0 * velocity
+            near = (cos > 0.85) & (np.abs(pd) < 0.5)
+            residuals.append(ep.actions[near, 0] - pd[near])
+    residuals = np.concatenate(residuals)
+    assert len(residuals) > 1000 and 0.45 < residuals.std() < 0.55 and abs(residuals.mean()) < 0.05, (len(residuals), residuals.std())
 
 
 def test_make_dataset_tool(tmp_path):
@@ -102,3 +113,36 @@ def test_cartpole_controller_balances_and_its_noise_takes_both_actions():
     random = cartpole_balance(1.0, np.random.default_rng(0))  # epsilon 1: every action random
     upright = np.zeros(4, dtype=np.float32)
     assert {random(upright) for _ in range(50)} == {0, 1}
+
+
+def test_a_nested_id_is_recorded_into_a_new_root_and_references_average_distinct_episodes(tmp_path, monkeypatch):
+    """A namespace of two levels under a root that does not exist yet; the expert reference is the mean over
+    `reference_episodes` episodes reset with seeds of their own (seed + 20,000,000 + i)."""
+    import gymnasium as gym
+
+    from dtlab.data.recording import mean_return
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "new" / "root"))
+    rng = np.random.default_rng(0)
+    ds = record_dataset(
+        "unit/nested/pendulum-v0", "Pendulum-v1", lambda i: PolicyAgent(pendulum_swingup(0.3, rng)), 1, ref_min_score=-1000.0, ref_max_score=0.0
+    )
+    assert (
+        ds.storage.metadata["total_episodes"] == 1
+        and dataset_dir("unit/nested/pendulum-v0").parent == tmp_path / "new" / "root" / "unit" / "nested" / "pendulum-v0"
+    )
+
+    class SeedProbe(gym.Env):
+        """One-step episodes whose reward is the reset seed."""
+
+        observation_space = gym.spaces.Box(-1, 1, (1,))
+        action_space = gym.spaces.Box(-1, 1, (1,))
+
+        def reset(self, *, seed=None, options=None):
+            self.seed_ = seed
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, np.float32), float(self.seed_), True, False, {}
+
+    assert mean_return(SeedProbe(), lambda: PolicyAgent(lambda obs: np.zeros(1, np.float32)), 4, seed=8) == np.mean([8, 9, 10, 11])
