@@ -72,7 +72,7 @@ class OnlinePhase(Callback):
 
     def log_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Env steps so far and the mean return (and normalised score) of the episodes ended since the last log."""
-        metrics = {"online/env_steps": float(self.collected)}
+        metrics = {"online/env_steps": float(self.collected)} | {f"online/{k}": v for k, v in self.replay_content().items()}
         if self.finished:
             summary = return_summary(np.asarray(self.finished), pl_module.spec)
             metrics["online/episode_return"] = summary["return_mean"]
@@ -81,6 +81,10 @@ class OnlinePhase(Callback):
             self.finished = []
         for logger in trainer.loggers:  # straight to the loggers: a value is written once, when it is new
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def replay_content(self) -> dict[str, float]:
+        """Statistics of the replay, logged with the progress (none by default)."""
+        return {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The env steps behind each epoch-end evaluation, exact whatever the logging interval: the plots and
@@ -320,6 +324,11 @@ class OnlineDecisionTransformer(OnlinePhase):
         self.replay = TrajectoryReplay(trainer.datamodule.transitions, self.replay_trajectories, online_steps)
         if self.explore_return is None:
             self.explore_return = 2 * pl_module.eval_targets[0]
+
+    def replay_content(self) -> dict[str, float]:
+        """The replay as the next round's updates see it: its trajectories' mean return and the share of them that
+        are online episodes (against `online/episode_return`, the exploration episodes': ODT's diagnosis)."""
+        return self.replay.content(self.replay.online_episodes)
 
     def visible(self, update: int) -> int:
         """Online episodes batch `update` may draw: those of rounds that began before update − 1 (the

@@ -133,7 +133,7 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
     a group of several runs is drawn as their mean with a ± std band over the updates they share (a run of seeds as
     members counts as one run per member).
     Online fine-tuning runs (every run logs online/env_steps) are drawn against environment steps, with the
-    return of the collected episodes as a panel; the offline policy's score sits at env step 0."""
+    return of the collected episodes (and the Online DT's replay content) as panels; the offline policy's score sits at env step 0."""
     from matplotlib.figure import Figure
 
     data = {name: [member for f in files for member in split_members(read_metrics(f))] for name, files in groups.items()}
@@ -145,7 +145,9 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
     score = "eval/normalized_score" if "eval/normalized_score" in logged else "eval/return"
     collected = "online/normalized_score" if "online/normalized_score" in logged else "online/episode_return"
     # ope/value: the FQE estimate of the policy's value (dtlab.ope.FQEEvaluation), for data with no environment
-    panels = [m for m in (score, collected, "ope/value") if m in logged] + sorted(m for m in logged if m.startswith("train/"))
+    # online/replay_*: what the Online DT's replay holds (its trajectories' mean return, the share of online episodes)
+    replay = ("online/replay_return_mean", "online/replay_online_share")
+    panels = [m for m in (score, collected, *replay, "ope/value") if m in logged] + sorted(m for m in logged if m.startswith("train/"))
     if not panels:
         raise ValueError(f"No evaluation or training metrics in {[str(f) for files in groups.values() for f in files]}.")
     cols = min(len(panels), 3)

@@ -217,6 +217,20 @@ def test_online_runs_are_plotted_against_environment_steps(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_the_online_dts_replay_content_gets_its_panels(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from dtlab.plots import plot_learning_curves
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.extend(ax.get_title() for ax in fig.axes if ax.get_visible()))
+    csv = tmp_path / "metrics.csv"
+    header = "step,epoch,online/env_steps,online/episode_return,online/replay_return_mean,online/replay_online_share,eval/return,train/dt_loss"
+    csv.write_text(f"{header}\n-1,,0,,,,-5,\n0,0,21,-7,-2,0.1,,1.0\n2,0,42,-4,-2.5,0.2,-3,0.25\n")
+    plot_learning_curves({"run": [csv]}, tmp_path / "curve.png")
+    assert drawn == ["eval/return", "online/episode_return", "online/replay_return_mean", "online/replay_online_share", "train/dt_loss"]
+
+
 def test_the_score_table_gives_mean_std_and_env_steps_at_the_evaluations_the_runs_share(tmp_path, capsys):
     from dtlab.cli import main
 
@@ -266,6 +280,10 @@ def test_the_trajectory_replay_starts_from_the_best_trajectories_and_replaces_th
         replay.add(np.full((4, 3), 1000.0 + k), np.zeros((4, 1)), rewards_online)
     assert episodes_seen(1) == {best[1], best[2], "online 0"}, "the worst kept offline episode goes first"
     assert episodes_seen(2) == {best[2], "online 0", "online 1"}
+    kept = returns[best].tolist()
+    for online, held in ((0, kept), (1, [*kept[1:], 10.0]), (2, [kept[2], 10.0, 10.0])):
+        content = replay.content(online)
+        assert content["replay_return_mean"] == pytest.approx(float(np.mean(held))) and content["replay_online_share"] == online / 3
     online = replay.sample(64, 4, torch.Generator(), slice(None), 2)
     tagged = online.observations[..., 0] >= 1000
     steps, rtg = online.timesteps[tagged], online.returns_to_go[..., 0][tagged]
@@ -376,6 +394,12 @@ def test_online_decision_transformer_collects_rounds_relabels_returns_and_resume
         "the env steps behind each evaluation: those of the rounds begun by then"
     )
     assert any(r.get("online/episode_return") for r in rows)
+    # the replay's content after each round: 15 trajectories, the data's best, then the online episodes in their place
+    shares = [float(r["online/replay_online_share"]) for r in rows if r.get("online/replay_online_share")]
+    data_episodes = len(OfflineDataModule(inverted_pendulum_id).transitions.episode_lengths)
+    held = [(min(n, 15), min(15, data_episodes + n)) for n in range(2, 2 * rounds + 1, 2)]
+    assert shares == [online / all_held for online, all_held in held], shares
+    assert all(float(r["online/replay_return_mean"]) > 0 for r in rows if r.get("online/replay_return_mean"))
     summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
     assert summary["env_steps"] == state["collected"]
 

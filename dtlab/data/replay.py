@@ -189,13 +189,25 @@ class TrajectoryReplay:
         self.lengths = torch.cat([self.lengths, torch.tensor([steps])])
         self.size += steps
 
-    def sample(self, batch_size: int, context_len: int, generator: torch.Generator, rows: slice, online_episodes: int) -> WindowBatch:
-        """DT windows from the replay as it was once `online_episodes` online episodes had been added."""
+    def held(self, online_episodes: int) -> slice:
+        """The stored trajectories the replay holds once `online_episodes` online episodes had been added."""
         if online_episodes > self.online_episodes:
             raise RuntimeError(f"a batch may see {online_episodes} online episodes but only {self.online_episodes} were collected")
         stop = self.offline_episodes + online_episodes
-        kept = slice(max(0, stop - self.capacity), stop)
+        return slice(max(0, stop - self.capacity), stop)
+
+    def sample(self, batch_size: int, context_len: int, generator: torch.Generator, rows: slice, online_episodes: int) -> WindowBatch:
+        """DT windows from the replay as it was once `online_episodes` online episodes had been added."""
+        kept = self.held(online_episodes)
         return sample_windows(self.columns, self.starts[kept], self.lengths[kept], self.discrete, batch_size, context_len, generator, rows)
+
+    def content(self, online_episodes: int) -> dict[str, float]:
+        """What the replay holds once `online_episodes` online episodes had been added: the mean return of its
+        trajectories and the share of them that are online episodes (how fast exploration replaces the data)."""
+        kept = self.held(online_episodes)
+        returns = self.columns["returns_to_go"][self.starts[kept]].double()
+        online = min(online_episodes, kept.stop - kept.start)
+        return {"replay_return_mean": float(returns.mean()), "replay_online_share": online / (kept.stop - kept.start)}
 
     def state_dict(self) -> dict:
         """The online episodes (the offline part is rebuilt from the data); tensors only."""
