@@ -36,6 +36,7 @@ from dtlab.callbacks import EnvEvaluation, eval_metrics, evaluate_returns, last_
 from dtlab.data.module import stream_seed
 from dtlab.data.replay import MixedSampler, ReplayBuffer, TrajectoryReplay, TrajectorySampler
 from dtlab.data.samplers import OfflineSampler, Sampler
+from dtlab.spec import DatasetSpec
 
 
 class OnlineError(RuntimeError):
@@ -72,7 +73,7 @@ class OnlinePhase(Callback):
 
     def log_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Env steps so far and the mean return (and normalised score) of the episodes ended since the last log."""
-        metrics = {"online/env_steps": float(self.collected)} | {f"online/{k}": v for k, v in self.replay_content().items()}
+        metrics = {"online/env_steps": float(self.collected)} | self.replay_content(pl_module.spec)
         if self.finished:
             summary = return_summary(np.asarray(self.finished), pl_module.spec)
             metrics["online/episode_return"] = summary["return_mean"]
@@ -82,7 +83,7 @@ class OnlinePhase(Callback):
         for logger in trainer.loggers:  # straight to the loggers: a value is written once, when it is new
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def replay_content(self) -> dict[str, float]:
+    def replay_content(self, spec: DatasetSpec) -> dict[str, float]:
         """Statistics of the replay, logged with the progress (none by default)."""
         return {}
 
@@ -325,10 +326,15 @@ class OnlineDecisionTransformer(OnlinePhase):
         if self.explore_return is None:
             self.explore_return = 2 * pl_module.eval_targets[0]
 
-    def replay_content(self) -> dict[str, float]:
-        """The replay as the next round's updates see it: its trajectories' mean return and the share of them that
-        are online episodes (against `online/episode_return`, the exploration episodes': ODT's diagnosis)."""
-        return self.replay.content(self.replay.online_episodes)
+    def replay_content(self, spec: DatasetSpec) -> dict[str, float]:
+        """The replay as the next round's updates see it: its trajectories' mean return (and normalised score) and the
+        share of them that are online episodes, to set beside the exploration episodes' (ODT's diagnosis)."""
+        returns, online = self.replay.held_returns(self.replay.online_episodes)
+        summary = return_summary(returns, spec)
+        metrics = {"online/replay_return_mean": summary["return_mean"], "online/replay_online_share": online / len(returns)}
+        if "normalized_score_mean" in summary:
+            metrics["online/replay_normalized_score"] = summary["normalized_score_mean"]
+        return metrics
 
     def visible(self, update: int) -> int:
         """Online episodes batch `update` may draw: those of rounds that began before update − 1 (the

@@ -145,9 +145,11 @@ def plot_learning_curves(groups: dict[str, Sequence[str | Path]], path: str | Pa
     score = "eval/normalized_score" if "eval/normalized_score" in logged else "eval/return"
     collected = "online/normalized_score" if "online/normalized_score" in logged else "online/episode_return"
     # ope/value: the FQE estimate of the policy's value (dtlab.ope.FQEEvaluation), for data with no environment
-    # online/replay_*: what the Online DT's replay holds (its trajectories' mean return, the share of online episodes)
-    replay = ("online/replay_return_mean", "online/replay_online_share")
-    panels = [m for m in (score, collected, *replay, "ope/value") if m in logged] + sorted(m for m in logged if m.startswith("train/"))
+    # online/replay_*: what the Online DT's replay holds (its trajectories' mean score, the share of online episodes)
+    replay = "online/replay_normalized_score" if "online/replay_normalized_score" in logged else "online/replay_return_mean"
+    panels = [m for m in (score, collected, replay, "online/replay_online_share", "ope/value") if m in logged] + sorted(
+        m for m in logged if m.startswith("train/")
+    )
     if not panels:
         raise ValueError(f"No evaluation or training metrics in {[str(f) for files in groups.values() for f in files]}.")
     cols = min(len(panels), 3)

@@ -282,8 +282,8 @@ def test_the_trajectory_replay_starts_from_the_best_trajectories_and_replaces_th
     assert episodes_seen(2) == {best[2], "online 0", "online 1"}
     kept = returns[best].tolist()
     for online, held in ((0, kept), (1, [*kept[1:], 10.0]), (2, [kept[2], 10.0, 10.0])):
-        content = replay.content(online)
-        assert content["replay_return_mean"] == pytest.approx(float(np.mean(held))) and content["replay_online_share"] == online / 3
+        held_returns, online_held = replay.held_returns(online)
+        assert held_returns.tolist() == pytest.approx(held) and online_held == online
     online = replay.sample(64, 4, torch.Generator(), slice(None), 2)
     tagged = online.observations[..., 0] >= 1000
     steps, rtg = online.timesteps[tagged], online.returns_to_go[..., 0][tagged]
@@ -399,7 +399,8 @@ def test_online_decision_transformer_collects_rounds_relabels_returns_and_resume
     data_episodes = len(OfflineDataModule(inverted_pendulum_id).transitions.episode_lengths)
     held = [(min(n, 15), min(15, data_episodes + n)) for n in range(2, 2 * rounds + 1, 2)]
     assert shares == [online / all_held for online, all_held in held], shares
-    assert all(float(r["online/replay_return_mean"]) > 0 for r in rows if r.get("online/replay_return_mean"))
+    replay_rows = [r for r in rows if r.get("online/replay_online_share")]
+    assert all(float(r["online/replay_return_mean"]) > 0 and r.get("online/replay_normalized_score") for r in replay_rows)
     summary = json.loads(next((tmp_path / "a").rglob("run_summary.json")).read_text())
     assert summary["env_steps"] == state["collected"]
 

@@ -201,13 +201,12 @@ class TrajectoryReplay:
         kept = self.held(online_episodes)
         return sample_windows(self.columns, self.starts[kept], self.lengths[kept], self.discrete, batch_size, context_len, generator, rows)
 
-    def content(self, online_episodes: int) -> dict[str, float]:
-        """What the replay holds once `online_episodes` online episodes had been added: the mean return of its
-        trajectories and the share of them that are online episodes (how fast exploration replaces the data)."""
+    def held_returns(self, online_episodes: int) -> tuple[np.ndarray, int]:
+        """The returns of the trajectories the replay holds once `online_episodes` online episodes had been added,
+        and how many of those trajectories are online episodes."""
         kept = self.held(online_episodes)
-        returns = self.columns["returns_to_go"][self.starts[kept]].double()
-        online = min(online_episodes, kept.stop - kept.start)
-        return {"replay_return_mean": float(returns.mean()), "replay_online_share": online / (kept.stop - kept.start)}
+        returns = self.columns["returns_to_go"][self.starts[kept]].double().numpy()
+        return returns, min(online_episodes, len(returns))
 
     def state_dict(self) -> dict:
         """The online episodes (the offline part is rebuilt from the data); tensors only."""
