@@ -244,6 +244,19 @@ def test_calql_bounds_policy_values_by_mc_returns() -> None:
     low_cal, low_cql = gaps(-1e6)  # the bound never binds: Cal-QL is CQL
     torch.testing.assert_close(low_cal, low_cql)
     assert cal.batch_format == BatchFormat("transitions", mc_return_gamma=0.99)
+
+    # bound_rate: the share of Q at the policy's mean action below the bound, before the step (no random draw)
+    opts, _ = plain_optimizers(cal)
+    with torch.no_grad():
+        q_mean = cal.critic(batch.observations, cal.actor.act(batch.observations))
+    middle = batch.replace(mc_returns=q_mean.flatten().median().expand(8).clone())
+    expected = (q_mean < middle.mc_returns).float().mean()
+    rng = torch.get_rng_state()
+    cal.actor.act(batch.observations)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert 0 < expected < 1 and cal.update(middle, opts, backward, (), step=0)["bound_rate"] == expected
+    for mc, rate in ((1e3, 1.0), (-1e6, 0.0)):
+        assert cal.update(batch.replace(mc_returns=torch.full((8,), mc)), opts, backward, (), step=1)["bound_rate"] == rate
     assert CalQL(toy_spec(), discount=0.9, **SMALL).batch_format.mc_return_gamma == 0.9
 
 

@@ -11,6 +11,8 @@ so conf/calql.yaml keeps CORL's HalfCheetah CQL settings).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from dtlab.algos.cql import CQL, Batch
@@ -25,6 +27,8 @@ class CalQL(CQL):
     of CQL (see `dtlab fit --model CalQL --help`).
     """
 
+    loss_names = (*CQL.loss_names, "bound_rate")
+
     @property
     def batch_format(self) -> BatchFormat:
         """Transitions plus Monte-Carlo returns discounted with the model's own γ."""
@@ -33,3 +37,17 @@ class CalQL(CQL):
     def policy_values(self, q_policy: torch.Tensor, batch: Batch) -> torch.Tensor:
         """max(Q(s, a_π), G_MC(s)): (n_critics, B, 2N) bounded below by each state's return."""
         return torch.maximum(q_policy, batch.mc_returns[:, None])
+
+    @torch.no_grad()
+    def bound_rate(self, batch: Batch) -> torch.Tensor:
+        """The share of Q(s, a) at the policy's mean action below the state's Monte-Carlo return: how often the bound
+        binds (CORL's Cal-QL logs the same share). The mean action draws no random numbers: training is unchanged."""
+        q = self.critic(batch.observations, self.actor.act(batch.observations))  # (n_critics, B)
+        return (q < batch.mc_returns).float().mean()
+
+    def update(
+        self, batch: Batch, optimizers: Sequence[torch.optim.Optimizer], backward: Callable[[torch.Tensor], None], schedulers: Sequence, step: int
+    ) -> dict[str, torch.Tensor]:
+        """CQL's update, with `bound_rate` measured before the step."""
+        rate = self.bound_rate(batch)
+        return super().update(batch, optimizers, backward, schedulers, step) | {"bound_rate": rate}

@@ -71,6 +71,8 @@ class CQL(ActorCriticModule):
             None: one ordinary run.
     """
 
+    loss_names: tuple[str, ...] = ("critic_loss", "actor_loss", "alpha_loss", "alpha_prime_loss")  # vmapped over members, compiled
+
     def __init__(
         self,
         spec: dict[str, Any] | None = None,
@@ -110,7 +112,7 @@ class CQL(ActorCriticModule):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(initial_alpha)), requires_grad=learn_alpha)
         self.log_alpha_prime = nn.Parameter(torch.tensor(1.0), requires_grad=lagrange)  # CORL starts log α′ at 1
         self.target_entropy = -float(self.act_dim) if target_entropy is None else target_entropy
-        self.setup_losses("critic_loss", "actor_loss", "alpha_loss", "alpha_prime_loss", compile=compile)
+        self.setup_losses(*self.loss_names, compile=compile)
 
     # -- losses (inputs: prepared batches, see ValueBasedModule.prepare) -------------------------
 
