@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.aggregation import CatMetric
@@ -200,7 +200,12 @@ class RunReport(Callback):
     global_batch_size; parameters; peak_memory_mb, the largest over processes (CUDA: peak allocated by
     tensors; CPU: peak resident set of the process); device; the mean of each training metric over the
     last tenth of the updates (`train`), the final evaluation (`eval`), and for online fine-tuning the
-    environment steps collected (`env_steps`)."""
+    environment steps collected (`env_steps`); `time_limit_reached` when `--trainer.max_time` stopped the fit before
+    its budget. Lightning's Timer counts the time of the fits a resumed run continues, so such a run goes on with
+    `--ckpt_path last` and a larger `max_time`."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start: float | None = None  # set when training begins: a resumed fit may have nothing left to train
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a checkpoint is restored (on_fit_start comes before it): a resumed fit counts its own updates.
@@ -278,6 +283,7 @@ class RunReport(Callback):
             "peak_memory_mb": getattr(self, "peak_memory_mb", None),
             "device": self.device,
             "precision": str(trainer.precision),
+            "time_limit_reached": self.time_limit_reached(trainer),
         }
         if self.timed is not None and self.last_update is not None:
             (t0, s0), (t1, s1) = self.timed, self.last_update
@@ -300,8 +306,24 @@ class RunReport(Callback):
         }
         return out
 
+    @staticmethod
+    def time_limit_reached(trainer: L.Trainer) -> bool:
+        """Whether `--trainer.max_time` (Lightning's Timer, over this fit and the fits it resumes) ended the fit."""
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        remaining = None if timer is None else timer.time_remaining()
+        return remaining is not None and remaining <= 0
+
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        name = f"{type(pl_module).__name__} on {pl_module.spec.dataset_id}"
+        if self.start is None:  # resumed at its budget: Lightning ends the fit before training starts
+            spent = "--trainer.max_time was spent" if self.time_limit_reached(trainer) else "the budget was reached"
+            print(
+                f"\n{name}: nothing to train: the checkpoint is at update {trainer.global_step} and {spent}; "
+                "raise --trainer.max_steps (max_epochs, max_time) to train on. run_summary.json is left as it was.",
+                flush=True,
+            )
+            return
         curve = self.draw(trainer, pl_module)
         seconds = time.perf_counter() - self.start
         updates = trainer.global_step - self.start_step
@@ -343,7 +365,11 @@ class RunReport(Callback):
             summary = run_dir / "run_summary.json"
             summary.write_text(json.dumps(self.summary(trainer, pl_module, seconds, history), indent=2) + "\n")
             lines.append(f"summary      {summary}")
-        print(f"\n{type(pl_module).__name__} on {pl_module.spec.dataset_id}: done\n" + "\n".join(f"  {line}" for line in lines), flush=True)
+        outcome = "done"
+        if self.time_limit_reached(trainer):
+            outcome = "stopped at --trainer.max_time"
+            lines.append("continue     --ckpt_path last with a larger --trainer.max_time (it counts the resumed fits' time too)")
+        print(f"\n{name}: {outcome}\n" + "\n".join(f"  {line}" for line in lines), flush=True)
 
 
 def format_seconds(seconds: float) -> str:

@@ -254,6 +254,37 @@ def test_finetuning_summary_keeps_the_starting_score_apart_from_its_best(pendulu
     assert best_step in (2, 4) and f"best-step={best_step}.ckpt" in summary, summary
 
 
+def test_a_fit_stopped_at_max_time_says_so_and_a_resumed_fit_with_nothing_left_says_why(pendulum_id, tmp_path, capsys):
+    """`--trainer.max_time` ends a fit early with a checkpoint: the summary and run_summary.json say the time limit
+    stopped it and how to go on. Lightning's Timer counts the resumed fits' time too, so resuming with the same limit
+    trains nothing, as does resuming at the budget: each says so in one line, and run_summary.json is kept."""
+    base = fit_args(pendulum_id, tmp_path, "--data.steps_per_epoch", "20", "--evaluation.episodes", "0", "--trainer.max_epochs", "-1")
+
+    def printed() -> str:
+        out = capsys.readouterr().out
+        return out[out.index("BC on ") :]
+
+    stopped = run_cli([*base, "--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01"])
+    out, recorded = printed(), json.loads(next(tmp_path.rglob("run_summary.json")).read_text())
+    step = stopped.trainer.global_step
+    assert 0 < step < 1_000_000 and recorded["updates"] == step and recorded["time_limit_reached"] is True
+    assert out.startswith(f"BC on {pendulum_id}: stopped at --trainer.max_time\n"), out
+    assert "continue     --ckpt_path last with a larger --trainer.max_time" in out
+
+    for limits, spent in ((("--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01"), "--trainer.max_time was spent"),
+                          (("--trainer.max_steps", str(step)), "the budget was reached")):  # fmt: skip
+        assert run_cli([*base, *limits, "--ckpt_path", "last"]).trainer.global_step == step
+        assert printed() == f"BC on {pendulum_id}: nothing to train: the checkpoint is at update {step} and {spent}; raise " + (
+            "--trainer.max_steps (max_epochs, max_time) to train on. run_summary.json is left as it was.\n"
+        )
+        assert json.loads(next(tmp_path.rglob("run_summary.json")).read_text()) == recorded
+
+    resumed = run_cli([*base, "--trainer.max_steps", str(step + 20), "--trainer.max_time", "00:01:00:00", "--ckpt_path", "last"])
+    out, recorded = printed(), json.loads(next(tmp_path.rglob("run_summary.json")).read_text())
+    assert resumed.trainer.global_step == step + 20 and recorded["updates"] == step + 20 and recorded["time_limit_reached"] is False
+    assert out.startswith(f"BC on {pendulum_id}: done\n") and "continue" not in out
+
+
 def test_plot_table_writes_no_plot_unless_asked(tmp_path, capsys, monkeypatch):
     run = tmp_path / "runs" / "iql" / "version_0"
     run.mkdir(parents=True)
