@@ -308,10 +308,11 @@ class RunReport(Callback):
 
     @staticmethod
     def time_limit_reached(trainer: L.Trainer) -> bool:
-        """Whether `--trainer.max_time` (Lightning's Timer, over this fit and the fits it resumes) ended the fit."""
+        """Whether `--trainer.max_time` (Lightning's Timer, over this fit and the fits it resumes) ended the fit before
+        its budget of updates."""
         timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
         remaining = None if timer is None else timer.time_remaining()
-        return remaining is not None and remaining <= 0
+        return remaining is not None and remaining <= 0 and not 0 < trainer.max_steps <= trainer.global_step
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

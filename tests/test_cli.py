@@ -257,7 +257,8 @@ def test_finetuning_summary_keeps_the_starting_score_apart_from_its_best(pendulu
 def test_a_fit_stopped_at_max_time_says_so_and_a_resumed_fit_with_nothing_left_says_why(pendulum_id, tmp_path, capsys):
     """`--trainer.max_time` ends a fit early with a checkpoint: the summary and run_summary.json say the time limit
     stopped it and how to go on. Lightning's Timer counts the resumed fits' time too, so resuming with the same limit
-    trains nothing, as does resuming at the budget: each says so in one line, and run_summary.json is kept."""
+    trains nothing, as does resuming at the budget (the budget named, though the limit is spent too): each says so in
+    one line, and run_summary.json is kept."""
     base = fit_args(pendulum_id, tmp_path, "--data.steps_per_epoch", "20", "--evaluation.episodes", "0", "--trainer.max_epochs", "-1")
 
     def printed() -> str:
@@ -272,7 +273,7 @@ def test_a_fit_stopped_at_max_time_says_so_and_a_resumed_fit_with_nothing_left_s
     assert "continue     --ckpt_path last with a larger --trainer.max_time" in out
 
     for limits, spent in ((("--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01"), "--trainer.max_time was spent"),
-                          (("--trainer.max_steps", str(step)), "the budget was reached")):  # fmt: skip
+                          (("--trainer.max_steps", str(step), "--trainer.max_time", "00:00:00:01"), "the budget was reached")):  # fmt: skip
         assert run_cli([*base, *limits, "--ckpt_path", "last"]).trainer.global_step == step
         assert printed() == f"BC on {pendulum_id}: nothing to train: the checkpoint is at update {step} and {spent}; raise " + (
             "--trainer.max_steps (max_epochs, max_time) to train on. run_summary.json is left as it was.\n"
