@@ -318,10 +318,14 @@ class RunReport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         name = f"{type(pl_module).__name__} on {pl_module.spec.dataset_id}"
         if self.start is None:  # resumed at its budget: Lightning ends the fit before training starts
-            spent = "--trainer.max_time was spent" if self.time_limit_reached(trainer) else "the budget was reached"
+            spent, limit = (
+                ("--trainer.max_time was spent", "--trainer.max_time")
+                if self.time_limit_reached(trainer)
+                else ("the budget was reached", "--trainer.max_steps")
+            )
             print(
                 f"\n{name}: nothing to train: the checkpoint is at update {trainer.global_step} and {spent}; "
-                "raise --trainer.max_steps (max_epochs, max_time) to train on. run_summary.json is left as it was.",
+                f"raise {limit} to train on. run_summary.json is left as it was.",
                 flush=True,
             )
             return

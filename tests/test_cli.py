@@ -272,11 +272,11 @@ def test_a_fit_stopped_at_max_time_says_so_and_a_resumed_fit_with_nothing_left_s
     assert out.startswith(f"BC on {pendulum_id}: stopped at --trainer.max_time\n"), out
     assert "continue     --ckpt_path last with a larger --trainer.max_time" in out
 
-    for limits, spent in ((("--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01"), "--trainer.max_time was spent"),
-                          (("--trainer.max_steps", str(step), "--trainer.max_time", "00:00:00:01"), "the budget was reached")):  # fmt: skip
+    for limits, spent, raise_ in ((("--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01"), "--trainer.max_time was spent", "--trainer.max_time"),
+                                  (("--trainer.max_steps", str(step), "--trainer.max_time", "00:00:00:01"), "the budget was reached", "--trainer.max_steps")):  # fmt: skip
         assert run_cli([*base, *limits, "--ckpt_path", "last"]).trainer.global_step == step
         assert printed() == f"BC on {pendulum_id}: nothing to train: the checkpoint is at update {step} and {spent}; raise " + (
-            "--trainer.max_steps (max_epochs, max_time) to train on. run_summary.json is left as it was.\n"
+            f"{raise_} to train on. run_summary.json is left as it was.\n"
         )
         assert json.loads(next(tmp_path.rglob("run_summary.json")).read_text()) == recorded
 
